@@ -1,0 +1,259 @@
+"""Every config key with its default and a one-line comment. YAML files and the command line override these.
+
+Keys whose value names an implementation are declared with ``_choice`` so that a value outside the allowed set
+is rejected with the list of allowed values (see retrieval/config/loader.py).
+"""
+
+from __future__ import annotations
+
+from yacs.config import CfgNode as CN
+
+_C = CN()
+# Allowed values of the keys that name an implementation: full key -> tuple of allowed values.
+CHOICES: dict[str, tuple] = {}
+
+
+def _choice(node: CN, prefix: str, key: str, default, allowed: tuple) -> None:
+    """Declare ``node.key = default`` whose value must be one of ``allowed``."""
+    setattr(node, key, default)
+    CHOICES[f"{prefix}.{key}" if prefix else key] = allowed
+
+
+# ---------------------------------------------------------------------------------------------- run
+# Output directory of the run: logs, resolved config, checkpoints, features and results.
+_C.OUTPUT_DIR = "output/run"
+# Global random seed (each rank adds its rank).
+_C.SEED = 0
+# Deterministic algorithms (slower): torch.use_deterministic_algorithms and cudnn settings.
+_C.DETERMINISTIC = False
+# Device: "auto" = cuda when available else cpu; or "cpu", "cuda", "cuda:1".
+_C.DEVICE = "auto"
+# Paper table and row this config reproduces (informational; used by tools/make_table.py).
+_C.TABLE = CN()
+# Table identifier, e.g. "senet_S3" ("" when the config is not a table row).
+_C.TABLE.NAME = ""
+# Row label inside that table, as printed in the paper.
+_C.TABLE.ROW = ""
+
+# -------------------------------------------------------------------------------------------- model
+_C.MODEL = CN()
+# Architecture built by retrieval.modeling.build.build_model.
+_choice(_C.MODEL, "MODEL", "ARCH", "senet", ("senet", "cvnet_global", "cvnet_rerank"))
+# ResNet depth of the backbone.
+_choice(_C.MODEL, "MODEL", "DEPTH", 50, (18, 34, 50, 101, 152))
+# Channel order the network expects: BGR (official CVNet/SENet, pycls ImageNet lineage) or RGB (torchvision).
+_choice(_C.MODEL, "MODEL", "INPUT_FORMAT", "BGR", ("BGR", "RGB"))
+# Full model weights to load (our checkpoint or an official .pyth); "" = none.
+_C.MODEL.WEIGHTS = ""
+# Local ImageNet checkpoint used to initialise the backbone; "" = random init (with a warning).
+_C.MODEL.PRETRAINED = ""
+# Format of MODEL.PRETRAINED: torchvision (RGB weights) or pycls (BGR weights, official lineage).
+_choice(_C.MODEL, "MODEL", "PRETRAINED_FORMAT", "pycls", ("pycls", "torchvision"))
+# Output dimension of the global FC ("whitening") layer.
+_C.MODEL.REDUCTION_DIM = 2048
+# Initial (or fixed) GeM exponent.
+_C.MODEL.GEM_P = 3.0
+# Learn the GeM exponent (CVNet-Global: True, a checkpoint key) or keep it fixed (SENet: False, no key).
+_C.MODEL.GEM_TRAINABLE = False
+
+# Self-similarity module of SENet (spec/senet.md §2.3, SENet supp. Tab. S3-S5).
+_C.MODEL.SSM = CN()
+# Self-similarity per channel (official) or one similarity over all channels per neighbour (Tab. S3 "directly").
+_choice(_C.MODEL.SSM, "MODEL.SSM", "SELF_SIMILARITY", "channelwise", ("channelwise", "direct"))
+# Similarity of reduced features: cosine (L2-normalised, official) or plain dot product (Tab. S4).
+_choice(_C.MODEL.SSM, "MODEL.SSM", "SIM", "cosine", ("cosine", "dot"))
+# Fusion of the structural embedding with the visual feature: sum (official) or concatenation (Tab. S5).
+_choice(_C.MODEL.SSM, "MODEL.SSM", "FUSION", "sum", ("sum", "concat"))
+# Reduced channel count C' before the self-similarity.
+_C.MODEL.SSM.MID_DIM = 256
+# Neighbourhood window size K (odd).
+_C.MODEL.SSM.UNFOLD_SIZE = 7
+# Kernel size of the valid convolutions that encode the window (odd).
+_C.MODEL.SSM.KERNEL_SIZE = 3
+
+# CVNet-Rerank (spec/cvnet.md §3, CVNet supp. Tab. S3-S7, S12).
+_C.MODEL.RERANK = CN()
+# Backbone feature correlated: res4 = f3 (official), res5 = f4, fuse = both (Tab. S5).
+_choice(_C.MODEL.RERANK, "MODEL.RERANK", "FEATURE_LAYER", "res4", ("res4", "res5", "fuse"))
+# Compressed channels C' of the per-scale 3x3 conv (Tab. S3).
+_C.MODEL.RERANK.COMPRESS_DIM = 256
+# Area ratios of the feature pyramid (Tab. S6); the spatial factor is sqrt(scale).
+_C.MODEL.RERANK.SCALES = [0.25, 0.5, 1.0]
+# Correlate every query scale with every key scale (True) or only equal scales (Tab. S12 "CSC").
+_C.MODEL.RERANK.CROSS_SCALE = True
+# 4D kernels of the correlation encoder: asymmetric (official) or symmetric (Tab. S7).
+_choice(_C.MODEL.RERANK, "MODEL.RERANK", "KERNEL", "asymmetric", ("asymmetric", "symmetric"))
+# Storage type of cached compressed database pyramids (Tab. S4).
+_choice(
+    _C.MODEL.RERANK, "MODEL.RERANK", "CACHE_DTYPE", "float16", ("float32", "float16", "int8", "int4")
+)
+# Checkpoint of the trained global model whose frozen backbone feeds the re-ranker ("" = MODEL.WEIGHTS).
+_C.MODEL.RERANK.GLOBAL_WEIGHTS = ""
+
+# --------------------------------------------------------------------------------------------- data
+_C.DATA = CN()
+# Root of the datasets (see datasets/README.md).
+_C.DATA.ROOT = "datasets/data"
+# DataLoader worker processes per rank.
+_C.DATA.NUM_WORKERS = 4
+# Skip unreadable images (counted and reported) instead of stopping at the first one.
+_C.DATA.SKIP_UNREADABLE = False
+# Fraction of unreadable training images above which training stops with an error.
+_C.DATA.MAX_UNREADABLE_FRACTION = 0.01
+
+# ----------------------------------------------------------------------------------------- training
+_C.TRAIN = CN()
+# Training list in GLDv2 format (landmark_id,images), relative to DATA.ROOT.
+_C.TRAIN.CSV = "gldv2/train_clean.csv"
+# Image folder with GLDv2's a/b/c/<id>.jpg layout, relative to DATA.ROOT.
+_C.TRAIN.IMAGE_DIR = "gldv2/train"
+# Square training crop size in pixels.
+_C.TRAIN.IMG_SIZE = 512
+# Global batch size (split over the ranks).
+_C.TRAIN.BATCH_SIZE = 64
+# Images per class in a batch (>1 gives in-batch positives for the contrastive loss; 1 = plain shuffle).
+_C.TRAIN.SAMPLES_PER_CLASS = 1
+# Number of epochs.
+_C.TRAIN.EPOCHS = 25
+# Stop after this many iterations (0 = run all epochs); used by quick runs and tests.
+_C.TRAIN.MAX_ITERS = 0
+# Gradient accumulation steps per optimiser step.
+_C.TRAIN.ACCUM_STEPS = 1
+# Clip the global gradient norm to this value (0 = off).
+_C.TRAIN.CLIP_GRAD_NORM = 15.0
+# Log every N iterations.
+_C.TRAIN.LOG_PERIOD = 20
+# Save a checkpoint every N iterations (and at every epoch end).
+_C.TRAIN.CHECKPOINT_PERIOD = 1000
+# Evaluate on TEST.DATASETS every N epochs (0 = only at the end).
+_C.TRAIN.EVAL_PERIOD = 0
+# Resume automatically from the last checkpoint in OUTPUT_DIR.
+_C.TRAIN.AUTO_RESUME = True
+# Use SyncBatchNorm under DDP.
+_C.TRAIN.SYNC_BN = False
+# Mixed precision: off, bf16 or fp16 (fp16 uses a GradScaler).
+_choice(_C.TRAIN, "TRAIN", "AMP", "off", ("off", "bf16", "fp16"))
+# Use the channels_last memory format (faster convolutions on recent GPUs).
+_C.TRAIN.CHANNELS_LAST = False
+
+# Augmentation (random resized crop, colour jitter, flips).
+_C.TRAIN.AUG = CN()
+# Scale range of the random resized crop.
+_C.TRAIN.AUG.CROP_SCALE = [0.2, 1.0]
+# Aspect-ratio range of the random resized crop.
+_C.TRAIN.AUG.CROP_RATIO = [0.75, 1.3333]
+# Strength of brightness/contrast/saturation jitter (0 = off).
+_C.TRAIN.AUG.COLOR_JITTER = 0.2
+# Probability of a horizontal flip.
+_C.TRAIN.AUG.HFLIP = 0.5
+
+# ----------------------------------------------------------------------------------------- losses
+_C.LOSS = CN()
+# Classification loss L_cls.
+_choice(_C.LOSS, "LOSS", "CLS", "curricularface", ("curricularface", "none"))
+# Angular margin m of CurricularFace.
+_C.LOSS.CLS_MARGIN = 0.15
+# Logit scale s of CurricularFace.
+_C.LOSS.CLS_SCALE = 30.0
+# Weight of L_cls in the total loss.
+_C.LOSS.CLS_WEIGHT = 0.5
+# Contrastive loss L_con: momentum contrastive (CVNet supp. Eq. S3), SupCon (Eq. S2) or none.
+_choice(_C.LOSS, "LOSS", "CON", "momentum", ("momentum", "supcon", "none"))
+# Weight lambda of L_con in the total loss.
+_C.LOSS.CON_WEIGHT = 0.5
+# Queue size K of the contrastive memory (CVNet supp. Tab. S9: 576, 4608, 73728).
+_C.LOSS.QUEUE_SIZE = 73728
+# Momentum of the key encoder update.
+_C.LOSS.MOMENTUM = 0.999
+# Temperature tau of the contrastive loss.
+_C.LOSS.TEMPERATURE = 0.0333
+# Margin inside the contrastive similarity C(s, y) for positives (0 = plain cosine).
+_C.LOSS.CON_MARGIN = 0.0
+
+# -------------------------------------------------------------------------------------- optimiser
+_C.OPTIM = CN()
+# Optimiser.
+_choice(_C.OPTIM, "OPTIM", "NAME", "sgd", ("sgd", "adamw"))
+# Base learning rate (for the global batch size TRAIN.BATCH_SIZE).
+_C.OPTIM.LR = 0.005
+# SGD momentum.
+_C.OPTIM.MOMENTUM = 0.9
+# Weight decay.
+_C.OPTIM.WEIGHT_DECAY = 1e-4
+# Learning-rate schedule after warm-up.
+_choice(_C.OPTIM, "OPTIM", "SCHEDULE", "cosine", ("cosine", "step"))
+# Epochs at which the step schedule multiplies the rate by OPTIM.STEP_GAMMA.
+_C.OPTIM.STEPS = [15, 20]
+# Multiplier of the step schedule.
+_C.OPTIM.STEP_GAMMA = 0.1
+# Linear warm-up length in epochs (fractions allowed).
+_C.OPTIM.WARMUP_EPOCHS = 1.0
+# Learning rate at the start of the warm-up, as a fraction of OPTIM.LR.
+_C.OPTIM.WARMUP_FACTOR = 0.1
+
+# ------------------------------------------------------------------------------- re-ranker training
+_C.RERANK_TRAIN = CN()
+# CSV of overlapped positive pairs written by tools/select_pairs.py, relative to DATA.ROOT.
+_C.RERANK_TRAIN.PAIRS_CSV = "gldv2/overlapping_pairs.csv"
+# Hard-negative ratio r_H at the start and end of training, linear in between (CVNet supp. Tab. S1).
+_C.RERANK_TRAIN.HARD_NEG_RATIO = [0.2, 1.0]
+# Hide-and-Seek probability at the start and end of training (CVNet supp. Tab. S2).
+_C.RERANK_TRAIN.HIDE_PROB = [0.0, 0.2]
+# Hide-and-Seek grid size (cells per side).
+_C.RERANK_TRAIN.HIDE_GRID = 4
+# Global-descriptor neighbours of other classes from which hard negatives are drawn.
+_C.RERANK_TRAIN.HARD_NEG_POOL = 20
+# Inlier count from which a same-class pair counts as overlapping (CVNet supp. S1).
+_C.RERANK_TRAIN.MIN_INLIERS = 30
+# Same-class nearest neighbours verified per image during pair selection.
+_C.RERANK_TRAIN.NUM_NEIGHBORS = 10
+# Keep classes with more than this many images in overlapping pairs.
+_C.RERANK_TRAIN.MIN_CLASS_IMAGES = 10
+
+# ------------------------------------------------------------------------------------------- test
+_C.TEST = CN()
+# Test sets: revisitop names (roxford5k, rparis6k, any gnd_<name>.pkl folder) under DATA.ROOT.
+_C.TEST.DATASETS = ["roxford5k", "rparis6k"]
+# Append the R1M distractors (DATA.ROOT/revisitop1m) to every revisitop database.
+_C.TEST.R1M = False
+# Multi-scale factors of the global descriptor.
+_C.TEST.SCALES = [0.7071, 1.0, 1.4142]
+# Query crop: truncate (int() of the float bbx, official), round, or none.
+_choice(_C.TEST, "TEST", "CROP", "truncate", ("truncate", "round", "none"))
+# Images with a shorter side are upscaled to this size (recorded in the report).
+_C.TEST.MIN_SIDE = 32
+# Batch size of feature extraction (1 = official; >1 only batches equal-size images).
+_C.TEST.BATCH_SIZE = 1
+# Mixed precision for extraction on CUDA.
+_choice(_C.TEST, "TEST", "AMP", "off", ("off", "bf16", "fp16"))
+# Reuse saved features when their metadata matches.
+_C.TEST.CACHE_FEATURES = True
+# Search backend: exact torch matmul, bf16/fp16 shortlist + exact re-score, or faiss flat.
+_choice(_C.TEST, "TEST", "SEARCH", "torch_shortlist", ("torch", "torch_shortlist", "faiss"))
+# Memory bound of one search chunk in MiB.
+_C.TEST.SEARCH_CHUNK_MB = 1024
+# Ranking depth kept for +R1M (full rankings are kept for the 5k/6k databases).
+_C.TEST.R1M_TOPN = 10000
+# Alpha query expansion (CVNet supp. Eq. S1); off when QE_N = 0.
+_C.TEST.QE_N = 0
+# Alpha exponent of the query expansion weights.
+_C.TEST.QE_ALPHA = 3.0
+# Alpha database augmentation neighbours (0 = off).
+_C.TEST.DBA_N = 0
+# Re-ranking depths K (empty = no re-ranking).
+_C.TEST.RERANK_TOPK = []
+# Shortlist rule: official (per protocol, skipping junk) or label_free (top-K of one ranking).
+_choice(_C.TEST, "TEST", "RERANK_MODE", "official", ("official", "label_free"))
+# Fusion weight: s_global + weight * s_rerank (CVNet: 0.5; Fig. S3).
+_C.TEST.RERANK_WEIGHT = 0.5
+# Re-ranker: cvnet (a CVNet-Rerank checkpoint) or gv (geometric verification with pydegensac).
+_choice(_C.TEST, "TEST", "RERANKER", "cvnet", ("cvnet", "gv"))
+# Re-ranker checkpoint (ours or official); "" = MODEL.WEIGHTS when MODEL.ARCH is cvnet_rerank.
+_C.TEST.RERANK_WEIGHTS = ""
+# Minimum inlier count of the geometric-verification re-ranker (CVNet supp. S4: 100).
+_C.TEST.GV_MIN_INLIERS = 100
+
+
+def get_cfg() -> CN:
+    """A fresh, mutable copy of the defaults."""
+    return _C.clone()

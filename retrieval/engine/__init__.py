@@ -1,0 +1,1 @@
+"""Training engine: optimisation, distributed helpers, logging, the training loop."""

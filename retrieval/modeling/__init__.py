@@ -1,0 +1,1 @@
+"""Model building blocks shared by SENet and CVNet: backbones, pooling, heads, official names."""
