@@ -1,0 +1,43 @@
+"""Facts about a state dict that tools report: architecture guess, ResNet depth, parameter count."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+from retrieval.modeling.backbone import RESNET_SPECS
+
+_BLOCK = re.compile(r"backbone\.layer(\d)\.(\d+)\.")
+
+
+def guess_depth(state: Mapping[str, torch.Tensor]) -> int:
+    """ResNet depth from the number of blocks per stage and the block type (our key names)."""
+    blocks = {1: 0, 2: 0, 3: 0, 4: 0}
+    for key in state:
+        match = _BLOCK.search(key)
+        if match:
+            stage, index = int(match.group(1)), int(match.group(2))
+            blocks[stage] = max(blocks[stage], index + 1)
+    bottleneck = any(key.endswith("conv3.weight") for key in state)
+    layout = tuple(blocks[s] for s in (1, 2, 3, 4))
+    for depth, (block, layers) in RESNET_SPECS.items():
+        if tuple(layers) == layout and (block.expansion == 4) == bottleneck:
+            return depth
+    raise ValueError(f"blocks per stage {layout} match no ResNet depth {sorted(RESNET_SPECS)}")
+
+
+def guess_arch(state: Mapping[str, torch.Tensor]) -> str:
+    """'cvnet_rerank', 'senet' or 'cvnet_global' from characteristic keys (our key names)."""
+    if any(key.startswith("cv_learner.") for key in state):
+        return "cvnet_rerank"
+    if any(key.startswith("ssm.") for key in state):
+        return "senet"
+    return "cvnet_global"
+
+
+def count_parameters(state: Mapping[str, torch.Tensor]) -> int:
+    """Number of floating-point values, BN running statistics and counters excluded."""
+    skip = ("running_mean", "running_var", "num_batches_tracked")
+    return sum(v.numel() for k, v in state.items() if not k.endswith(skip))
