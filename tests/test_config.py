@@ -124,3 +124,10 @@ def test_every_shipped_config_loads():
     files = sorted((REPO / "configs").rglob("*.yaml"))
     for path in files:
         load_cfg(path)
+
+
+def test_several_files_compose_in_order(tmp_path):
+    row = _write(tmp_path / "row.yaml", "MODEL:\n  DEPTH: 101\n  SSM:\n    SIM: dot\n")
+    shrink = _write(tmp_path / "shrink.yaml", "MODEL:\n  DEPTH: 18\n")
+    cfg = load_cfg([row, shrink], ["TRAIN.EPOCHS", "1"])
+    assert (cfg.MODEL.DEPTH, cfg.MODEL.SSM.SIM, cfg.TRAIN.EPOCHS) == (18, "dot", 1)

@@ -135,10 +135,18 @@ def validate_choices(cfg: CN, source: str = "config") -> None:
             )
 
 
-def load_cfg(config_file: str | os.PathLike | None = None, opts: Sequence[str] = ()) -> CN:
-    """Defaults, then the YAML chain of ``config_file``, then ``opts``; validated and frozen."""
+def load_cfg(
+    config_files: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    opts: Sequence[str] = (),
+) -> CN:
+    """Defaults, then the YAML chain of each config file in order, then ``opts``; validated and frozen.
+
+    Several files compose, e.g. a paper-table row followed by configs/demo/scale.yaml to shrink it.
+    """
     cfg = get_cfg()
-    if config_file:
+    if isinstance(config_files, (str, os.PathLike)):
+        config_files = [config_files]
+    for config_file in config_files or ():
         for path, data in _yaml_chain(Path(config_file)):
             _merge(cfg, data, str(path))
     _merge(cfg, overrides_to_dict(opts), "command line")
