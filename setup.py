@@ -14,7 +14,8 @@ setup(
     name="landmark-retrieval",
     version="0.1.0",
     description="Training and evaluation of SENet and CVNet for instance-level image retrieval",
-    packages=["retrieval", "senet", "cvnet"] + [
+    packages=["retrieval", "senet", "cvnet"]
+    + [
         f"retrieval.{sub}"
         for sub in ("config", "modeling", "data", "engine", "evaluation", "losses", "benchmarks")
     ],

@@ -39,6 +39,8 @@ def build_global_head(cfg: CfgNode, in_dim: int, p_trainable: bool) -> GlobalHea
 def build_cvnet_global(cfg: CfgNode) -> CVNetGlobal:
     """CVNet-Global from the config (backbone initialised from MODEL.PRETRAINED when given)."""
     backbone = ResNetBackbone(cfg.MODEL.DEPTH)
-    init_backbone(backbone, cfg.MODEL.PRETRAINED, cfg.MODEL.PRETRAINED_FORMAT, cfg.MODEL.INPUT_FORMAT)
+    init_backbone(
+        backbone, cfg.MODEL.PRETRAINED, cfg.MODEL.PRETRAINED_FORMAT, cfg.MODEL.INPUT_FORMAT
+    )
     in_dim = backbone.output_shape()["res5"].channels
     return CVNetGlobal(backbone, build_global_head(cfg, in_dim, cfg.MODEL.GEM_TRAINABLE))

@@ -47,7 +47,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"checkpoint {str(path)!r} is truncated or not a torch checkpoint ({type(err).__name__}: {err})"
         ) from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict"
+        )
     return obj
 
 
@@ -61,7 +63,9 @@ def extract_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 def _mismatch_report(model_state: Mapping, state: Mapping) -> list[str]:
     """Lines naming every missing, unexpected and mis-shaped key."""
-    missing = [k for k in model_state if k not in state and not k.endswith(TOLERATED_MISSING_SUFFIX)]
+    missing = [
+        k for k in model_state if k not in state and not k.endswith(TOLERATED_MISSING_SUFFIX)
+    ]
     unexpected = [k for k in state if k not in model_state]
     shapes = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)}"

@@ -15,7 +15,9 @@ USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError)
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Call ``main(argv)``; a user error exits with status 2 and its message."""
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         main(argv)
     except USER_ERRORS as err:

@@ -32,13 +32,17 @@ def test_every_default_has_a_comment():
 
 
 def test_base_chain_relative_paths_and_overrides(tmp_path):
-    _write(tmp_path / "a/base.yaml", "OPTIM:\n  LR: 1\n  WEIGHT_DECAY: 1e-5\nMODEL:\n  DEPTH: 101\n")
+    _write(
+        tmp_path / "a/base.yaml", "OPTIM:\n  LR: 1\n  WEIGHT_DECAY: 1e-5\nMODEL:\n  DEPTH: 101\n"
+    )
     _write(tmp_path / "b/mid.yaml", "_BASE_: ../a/base.yaml\nMODEL:\n  SSM:\n    SIM: dot\n")
     leaf = _write(tmp_path / "b/c/leaf.yaml", "_BASE_: ../mid.yaml\nMODEL:\n  DEPTH: 18\n")
     cfg = load_cfg(leaf, ["TRAIN.EPOCHS", "3", "TEST.SCALES", "[1.0, 0.5]"])
     assert cfg.MODEL.DEPTH == 18  # child overrides base
     assert cfg.MODEL.SSM.SIM == "dot"  # from the middle file
-    assert cfg.OPTIM.LR == 1.0 and isinstance(cfg.OPTIM.LR, float)  # int widened to the float default
+    assert cfg.OPTIM.LR == 1.0 and isinstance(
+        cfg.OPTIM.LR, float
+    )  # int widened to the float default
     assert cfg.OPTIM.WEIGHT_DECAY == pytest.approx(1e-5)
     assert cfg.TRAIN.EPOCHS == 3 and cfg.TEST.SCALES == [1.0, 0.5]
     assert cfg.is_frozen()
@@ -46,7 +50,9 @@ def test_base_chain_relative_paths_and_overrides(tmp_path):
 
 def test_unknown_key_names_file_and_suggests(tmp_path):
     bad = _write(tmp_path / "typo.yaml", "MODEL:\n  SSM:\n    SIMM: dot\n")
-    with pytest.raises(ConfigError, match=r"typo\.yaml.*'MODEL\.SSM\.SIMM'.*did you mean MODEL\.SSM\.SIM"):
+    with pytest.raises(
+        ConfigError, match=r"typo\.yaml.*'MODEL\.SSM\.SIMM'.*did you mean MODEL\.SSM\.SIM"
+    ):
         load_cfg(bad)
 
 
@@ -88,7 +94,9 @@ def test_every_choice_value_is_accepted(key):
 
 def test_missing_base_names_it(tmp_path):
     leaf = _write(tmp_path / "leaf.yaml", "_BASE_: nowhere.yaml\n")
-    with pytest.raises(ConfigError, match=r"leaf\.yaml: _BASE_ file .*nowhere\.yaml.* does not exist"):
+    with pytest.raises(
+        ConfigError, match=r"leaf\.yaml: _BASE_ file .*nowhere\.yaml.* does not exist"
+    ):
         load_cfg(leaf)
 
 

@@ -55,7 +55,9 @@ def test_converted_keys_equal_official_list(arch, depth, key_file, opts, data_di
 
 
 @pytest.mark.parametrize("arch,depth,key_file,opts", CASES)
-def test_official_state_loads_strictly_and_round_trips(arch, depth, key_file, opts, data_dir, tmp_path):
+def test_official_state_loads_strictly_and_round_trips(
+    arch, depth, key_file, opts, data_dir, tmp_path
+):
     official = fake_official_state(official_lines(data_dir, key_file))
     assert looks_official(official)
     path = save_checkpoint({"model_state": official, "epoch": 3}, tmp_path / "official.pyth")

@@ -27,7 +27,12 @@ def machine() -> dict:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "device": device, "torch": torch.__version__}
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "device": device,
+        "torch": torch.__version__,
+    }
 
 
 def main(argv: list[str]) -> None:
@@ -38,7 +43,7 @@ def main(argv: list[str]) -> None:
     if "--out" in rest:
         index = rest.index("--out")
         out = Path(rest[index + 1])
-        rest = rest[:index] + rest[index + 2:]
+        rest = rest[:index] + rest[index + 2 :]
     module = importlib.import_module(f"retrieval.benchmarks.{name.replace('-', '_')}")
     results = module.run(rest)
     record = {

@@ -1,7 +1,7 @@
 """Convert a checkpoint between the official pycls naming and ours.
 
-  python tools/convert_checkpoint.py --to ours CVPR2022_CVNet_R50.pyth cvnet_r50.pth --arch cvnet_rerank
-  python tools/convert_checkpoint.py --to official output/senet/model_final.pth senet_official.pyth
+python tools/convert_checkpoint.py --to ours CVPR2022_CVNet_R50.pyth cvnet_r50.pth --arch cvnet_rerank
+python tools/convert_checkpoint.py --to official output/senet/model_final.pth senet_official.pyth
 """
 
 from __future__ import annotations
@@ -12,20 +12,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from retrieval.checkpoint import (
+    extract_state_dict,
+    load_checkpoint,
+    load_state_strict,
+    save_checkpoint,
+)  # noqa: E402
 from retrieval.cli import run_cli  # noqa: E402
-from retrieval.checkpoint import extract_state_dict, load_checkpoint, load_state_strict, save_checkpoint  # noqa: E402
 from retrieval.config import cfg_from_dump, load_cfg  # noqa: E402
 from retrieval.modeling.inspect import guess_arch, guess_depth  # noqa: E402
-from retrieval.modeling.official_names import MODEL_SCOPES, from_official, looks_official, to_official  # noqa: E402
+from retrieval.modeling.official_names import (
+    MODEL_SCOPES,
+    from_official,
+    looks_official,
+    to_official,
+)  # noqa: E402
 from retrieval.modeling.registry import build_model  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("src", help="input checkpoint")
     parser.add_argument("dst", help="output checkpoint (written atomically)")
     parser.add_argument("--to", choices=("ours", "official"), required=True, help="target naming")
-    parser.add_argument("--arch", choices=sorted(MODEL_SCOPES), help="architecture (default: our stored config)")
+    parser.add_argument(
+        "--arch", choices=sorted(MODEL_SCOPES), help="architecture (default: our stored config)"
+    )
     parser.add_argument("--config", help="config to store with a converted official checkpoint")
     parser.add_argument("opts", nargs="*", help="config overrides KEY VALUE ...")
     return parser.parse_intermixed_args(argv)
@@ -41,7 +55,15 @@ def to_ours(args: argparse.Namespace) -> None:
     ours = from_official(state, args.arch)
     depth = guess_depth({k.removeprefix("encoder."): v for k, v in ours.items()})
     gem = "True" if any(k.endswith("head.pool.p") for k in ours) else "False"
-    opts = ["MODEL.ARCH", args.arch, "MODEL.DEPTH", str(depth), "MODEL.GEM_TRAINABLE", gem, *args.opts]
+    opts = [
+        "MODEL.ARCH",
+        args.arch,
+        "MODEL.DEPTH",
+        str(depth),
+        "MODEL.GEM_TRAINABLE",
+        gem,
+        *args.opts,
+    ]
     cfg = load_cfg(args.config, opts)
     load_state_strict(build_model(cfg), ours, f"converted {args.src}")
     save_checkpoint({"model": ours, "config": cfg.dump()}, args.dst)
@@ -52,7 +74,9 @@ def to_official_file(args: argparse.Namespace) -> None:
     """Ours -> official: a pycls container {'model_state': ...}."""
     obj = load_checkpoint(args.src)
     state = extract_state_dict(obj)
-    arch = args.arch or (cfg_from_dump(obj["config"]).MODEL.ARCH if "config" in obj else guess_arch(state))
+    arch = args.arch or (
+        cfg_from_dump(obj["config"]).MODEL.ARCH if "config" in obj else guess_arch(state)
+    )
     official = to_official(state, arch)
     save_checkpoint({"model_state": official}, args.dst)
     print(f"wrote {args.dst}: {len(official)} tensors in the official {arch} naming")

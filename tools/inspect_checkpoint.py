@@ -1,6 +1,6 @@
 """Print what a checkpoint holds: naming, architecture, depth, parameters, stored config and training state.
 
-  python tools/inspect_checkpoint.py output/senet/last_checkpoint.pth [--keys]
+python tools/inspect_checkpoint.py output/senet/last_checkpoint.pth [--keys]
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.cli import run_cli  # noqa: E402
 from retrieval.checkpoint import extract_state_dict, load_checkpoint  # noqa: E402
+from retrieval.cli import run_cli  # noqa: E402
 from retrieval.modeling.inspect import count_parameters, guess_arch, guess_depth  # noqa: E402
 from retrieval.modeling.official_names import MODEL_SCOPES, from_official, looks_official  # noqa: E402
 
@@ -32,7 +32,9 @@ def _to_ours(state: dict) -> tuple[dict, str]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("path")
     parser.add_argument("--keys", action="store_true", help="list every tensor name and shape")
     args = parser.parse_args(argv)
@@ -41,7 +43,9 @@ def main(argv=None) -> None:
     ours, arch = _to_ours(state)
     print(f"file:        {args.path}")
     print(f"naming:      {'official (pycls)' if looks_official(state) else 'ours'}")
-    print(f"arch:        {arch}, ResNet-{guess_depth({k.removeprefix('encoder.'): v for k, v in ours.items()})}")
+    print(
+        f"arch:        {arch}, ResNet-{guess_depth({k.removeprefix('encoder.'): v for k, v in ours.items()})}"
+    )
     print(f"tensors:     {len(state)}, parameters: {count_parameters(state):,}")
     print(f"other keys:  {sorted(k for k in obj if k not in ('model', 'model_state'))}")
     if "iteration" in obj:

@@ -85,7 +85,11 @@ _C.MODEL.RERANK.CROSS_SCALE = True
 _choice(_C.MODEL.RERANK, "MODEL.RERANK", "KERNEL", "asymmetric", ("asymmetric", "symmetric"))
 # Storage type of cached compressed database pyramids (Tab. S4).
 _choice(
-    _C.MODEL.RERANK, "MODEL.RERANK", "CACHE_DTYPE", "float16", ("float32", "float16", "int8", "int4")
+    _C.MODEL.RERANK,
+    "MODEL.RERANK",
+    "CACHE_DTYPE",
+    "float16",
+    ("float32", "float16", "int8", "int4"),
 )
 # Checkpoint of the trained global model whose frozen backbone feeds the re-ranker ("" = MODEL.WEIGHTS).
 _C.MODEL.RERANK.GLOBAL_WEIGHTS = ""
@@ -125,7 +129,7 @@ _C.TRAIN.CLIP_GRAD_NORM = 15.0
 _C.TRAIN.LOG_PERIOD = 20
 # Save a checkpoint every N iterations (and at every epoch end).
 _C.TRAIN.CHECKPOINT_PERIOD = 1000
-# Evaluate on TEST.DATASETS every N epochs (0 = only at the end).
+# Evaluate on TEST.DATASETS every N epochs and after the last one (0 = never during training).
 _C.TRAIN.EVAL_PERIOD = 0
 # Resume automatically from the last checkpoint in OUTPUT_DIR.
 _C.TRAIN.AUTO_RESUME = True
@@ -135,6 +139,10 @@ _C.TRAIN.SYNC_BN = False
 _choice(_C.TRAIN, "TRAIN", "AMP", "off", ("off", "bf16", "fp16"))
 # Use the channels_last memory format (faster convolutions on recent GPUs).
 _C.TRAIN.CHANNELS_LAST = False
+# Keep BatchNorm in eval mode (frozen statistics, affine still trained): tiny per-GPU batches; CPU DDP tests.
+_C.TRAIN.FREEZE_BN = False
+# Checkpoints kept in OUTPUT_DIR (older ones are deleted; 0 = keep all).
+_C.TRAIN.CHECKPOINT_KEEP = 3
 
 # Augmentation (random resized crop, colour jitter, flips).
 _C.TRAIN.AUG = CN()
@@ -209,6 +217,12 @@ _C.RERANK_TRAIN.MIN_INLIERS = 30
 _C.RERANK_TRAIN.NUM_NEIGHBORS = 10
 # Keep classes with more than this many images in overlapping pairs.
 _C.RERANK_TRAIN.MIN_CLASS_IMAGES = 10
+# CSV of hard-negative pools (query_id,negative_ids) written by tools/select_pairs.py, relative to DATA.ROOT.
+_C.RERANK_TRAIN.HARD_NEG_CSV = "gldv2/hard_negatives.csv"
+# Classes per resumable work chunk of the pair selection.
+_C.RERANK_TRAIN.CHUNK_CLASSES = 100
+# Worker processes running RANSAC during pair selection (0 = in the main process).
+_C.RERANK_TRAIN.RANSAC_WORKERS = 2
 
 # ------------------------------------------------------------------------------------------- test
 _C.TEST = CN()
@@ -228,6 +242,10 @@ _C.TEST.BATCH_SIZE = 1
 _choice(_C.TEST, "TEST", "AMP", "off", ("off", "bf16", "fp16"))
 # Reuse saved features when their metadata matches.
 _C.TEST.CACHE_FEATURES = True
+# Use the channels_last memory format for extraction on CUDA.
+_C.TEST.CHANNELS_LAST = False
+# Images per R1M extraction shard (a rerun resumes after the last finished shard).
+_C.TEST.R1M_SHARD_SIZE = 10000
 # Search backend: exact torch matmul, bf16/fp16 shortlist + exact re-score, or faiss flat.
 _choice(_C.TEST, "TEST", "SEARCH", "torch_shortlist", ("torch", "torch_shortlist", "faiss"))
 # Memory bound of one search chunk in MiB.
@@ -252,6 +270,22 @@ _choice(_C.TEST, "TEST", "RERANKER", "cvnet", ("cvnet", "gv"))
 _C.TEST.RERANK_WEIGHTS = ""
 # Minimum inlier count of the geometric-verification re-ranker (CVNet supp. S4: 100).
 _C.TEST.GV_MIN_INLIERS = 100
+# GV local features: dense backbone map locations (largest L2 norms) or cv2 SIFT (also used by pair selection).
+_choice(_C.TEST, "TEST", "GV_LOCAL_FEATURES", "backbone", ("backbone", "sift"))
+# Backbone feature map of the dense GV local features (detectron2 name).
+_C.TEST.GV_FEATURE = "res4"
+# Image scales of the dense GV local features (DELG style multi-scale).
+_C.TEST.GV_SCALES = [0.7071, 1.0, 1.4142]
+# Maximum number of GV local features per image (CVNet supp. S4: 1000).
+_C.TEST.GV_MAX_FEATURES = 1000
+# GV model estimator: pydegensac homography (CVNet supp. S4) or scikit-learn RANSAC with an affine model.
+_choice(_C.TEST, "TEST", "GV_ESTIMATOR", "degensac", ("degensac", "sklearn"))
+# RANSAC inlier threshold in image pixels (reprojection distance).
+_C.TEST.GV_PIXEL_THRESHOLD = 16.0
+# RANSAC confidence (pydegensac).
+_C.TEST.GV_CONFIDENCE = 0.999
+# RANSAC iteration cap.
+_C.TEST.GV_MAX_ITERS = 2000
 
 
 def get_cfg() -> CN:

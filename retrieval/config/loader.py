@@ -50,7 +50,9 @@ def _check_against_defaults(values: dict, defaults: CN, source: str, prefix: str
         default = defaults[key]
         if isinstance(default, CN):
             if not isinstance(value, dict):
-                raise ConfigError(f"{source}: {path!r} is a section; expected a mapping, got {value!r}")
+                raise ConfigError(
+                    f"{source}: {path!r} is a section; expected a mapping, got {value!r}"
+                )
             value = _check_against_defaults(value, default, source, path + ".")
         elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -112,7 +114,9 @@ def _parse_value(text: str):
 def overrides_to_dict(opts: Sequence[str]) -> dict:
     """['A.B', '1', 'C', 'x'] -> {'A': {'B': 1}, 'C': 'x'}."""
     if len(opts) % 2:
-        raise ConfigError(f"command-line overrides must be KEY VALUE pairs, got an odd list: {list(opts)}")
+        raise ConfigError(
+            f"command-line overrides must be KEY VALUE pairs, got an odd list: {list(opts)}"
+        )
     nested: dict = {}
     for key, text in zip(opts[0::2], opts[1::2]):
         *parents, leaf = key.split(".")

@@ -49,12 +49,19 @@ class ResNetBackbone(nn.Module):
     def __init__(self, depth: int) -> None:
         super().__init__()
         if depth not in RESNET_SPECS:
-            raise ValueError(f"ResNet depth {depth!r} is not supported; allowed: {sorted(RESNET_SPECS)}")
+            raise ValueError(
+                f"ResNet depth {depth!r} is not supported; allowed: {sorted(RESNET_SPECS)}"
+            )
         block, layers = RESNET_SPECS[depth]
         net = tv_resnet.ResNet(block, list(layers))
         self.depth = depth
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            net.layer1,
+            net.layer2,
+            net.layer3,
+            net.layer4,
+        )
         width = 64 * block.expansion
         self._shapes = {
             "res2": ShapeSpec(width, 4),

@@ -53,7 +53,7 @@ def _swap_prefix(key: str, pairs: tuple[tuple[str, str], ...], reverse: bool) ->
     for ours, official in pairs:
         src, dst = (official, ours) if reverse else (ours, official)
         if key.startswith(src):
-            return dst + key[len(src):]
+            return dst + key[len(src) :]
     return None
 
 
@@ -95,7 +95,7 @@ def to_official_key(key: str, arch: str) -> str:
     """Our state_dict key -> the official checkpoint key for ``arch``."""
     for ours, official in _scopes(arch):
         if key.startswith(ours):
-            return official + _module_to_official(key[len(ours):])
+            return official + _module_to_official(key[len(ours) :])
     raise KeyError(f"key {key!r} is outside every scope of {arch}")
 
 
@@ -103,7 +103,7 @@ def from_official_key(key: str, arch: str) -> str:
     """Official checkpoint key for ``arch`` -> our state_dict key."""
     for ours, official in _scopes(arch):
         if key.startswith(official):
-            return ours + _module_from_official(key[len(official):])
+            return ours + _module_from_official(key[len(official) :])
     raise KeyError(f"official key {key!r} does not start with any {arch} prefix")
 
 

@@ -26,4 +26,6 @@ class GeM(nn.Module):
         return pooled.pow(1.0 / p).flatten(1)
 
     def extra_repr(self) -> str:
-        return f"p={self.p.item():.4f}, trainable={isinstance(self.p, nn.Parameter)}, eps={self.eps}"
+        return (
+            f"p={self.p.item():.4f}, trainable={isinstance(self.p, nn.Parameter)}, eps={self.eps}"
+        )

@@ -5,7 +5,12 @@ from __future__ import annotations
 import logging
 import os
 
-from retrieval.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_strict
+from retrieval.checkpoint import (
+    CheckpointError,
+    extract_state_dict,
+    load_checkpoint,
+    load_state_strict,
+)
 from retrieval.modeling.backbone import ResNetBackbone
 from retrieval.modeling.official_names import from_official_key
 
@@ -40,7 +45,9 @@ def load_pretrained_backbone(
     if FORMAT_INPUT[fmt] != input_format:
         logger.warning(
             "%s weights were trained on %s input but MODEL.INPUT_FORMAT is %s",
-            fmt, FORMAT_INPUT[fmt], input_format,
+            fmt,
+            FORMAT_INPUT[fmt],
+            input_format,
         )
 
 

@@ -30,5 +30,7 @@ def build_model(cfg: CfgNode) -> nn.Module:
     for package in _MODEL_PACKAGES:
         importlib.import_module(package)
     if cfg.MODEL.ARCH not in _BUILDERS:
-        raise KeyError(f"MODEL.ARCH {cfg.MODEL.ARCH!r} is not registered; allowed: {sorted(_BUILDERS)}")
+        raise KeyError(
+            f"MODEL.ARCH {cfg.MODEL.ARCH!r} is not registered; allowed: {sorted(_BUILDERS)}"
+        )
     return _BUILDERS[cfg.MODEL.ARCH](cfg)
