@@ -1,0 +1,298 @@
+"""Database-side cache of compressed CVNet-Rerank pyramids, optionally quantized (supp. Tab. S3-S4).
+
+Each database image's pyramid (one (C', h_i, w_i) map per scale and feature layer) is computed once
+and stored. The correlation is a cosine, so only directions matter: every location is L2-normalised
+before storage, and the integer codecs quantize each location symmetrically on its own grid (code =
+round(v / max|v| * q_max)) and re-normalise on load, which needs no stored scale. int4 codes (-7..7)
+are packed two per byte.
+
+Storage is in memory, or on disk as one file per image (``<dir>/items/<index // 10000>/<index>.pt``,
+written atomically) next to ``<dir>/cache_meta.json``. The metadata (model fingerprint, C', scales,
+dtype, feature layer, dataset) is checked when the cache is opened and inside every item, so an
+inconsistent or corrupt cache either raises ``CacheError`` or, with ``rebuild=True``, is discarded
+and recomputed; it is never silently reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from yacs.config import CfgNode
+
+from cvnet.correlation import normalize_locations
+
+logger = logging.getLogger(__name__)
+META_FILE = "cache_meta.json"
+ITEMS_DIR = "items"
+# Items per sub-folder of ITEMS_DIR (keeps folders small for +R1M shortlists).
+ITEMS_PER_FOLDER = 10000
+FORMAT_VERSION = 1
+
+
+class CacheError(RuntimeError):
+    """A cache not matching the model/settings, or a corrupt item; the message says which."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheMeta:
+    """Everything that decides what a cached pyramid contains."""
+
+    model_hash: str
+    compress_dim: int
+    scales: tuple[float, ...]
+    dtype: str
+    feature_names: tuple[str, ...]
+    dataset: str = ""
+    version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return {
+            **dataclasses.asdict(self),
+            "scales": list(self.scales),
+            "feature_names": list(self.feature_names),
+        }
+
+    def digest(self) -> str:
+        """Short hash identifying these settings (stored inside every item)."""
+        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _unit_vectors(level: torch.Tensor) -> torch.Tensor:
+    """One level (1, C', h, w) or (C', h, w) -> (C', h, w) float32, every location L2-normalised."""
+    if level.dim() == 4 and level.shape[0] != 1:
+        raise ValueError(f"cache one image at a time: got a level of batch {level.shape[0]}")
+    return normalize_locations(level.detach().float().reshape(1, *level.shape[-3:]))[0]
+
+
+def _int_codes(x: torch.Tensor, q_max: int) -> torch.Tensor:
+    """(C, h, w) unit vectors -> integer codes in [-q_max, q_max] on each location's own grid."""
+    peak = x.abs().amax(dim=0, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
+    return torch.round(x / peak * q_max)
+
+
+def _pack_int4(x: torch.Tensor) -> torch.Tensor:
+    """(C, h, w) unit vectors -> (ceil(C/2), h, w) uint8: channel 2c low, 2c+1 high nibble."""
+    codes = (_int_codes(x, 7) + 8).to(torch.uint8)  # 1..15
+    if codes.shape[0] % 2:
+        codes = torch.cat([codes, torch.full_like(codes[:1], 8)])  # an extra zero channel (code 8)
+    return codes[0::2] | (codes[1::2] << 4)
+
+
+def _unpack_int4(packed: torch.Tensor, channels: int) -> torch.Tensor:
+    """(ceil(C/2), h, w) uint8 -> (C, h, w) float codes in [-7, 7]."""
+    low, high = (packed & 0xF).float() - 8, (packed >> 4).float() - 8
+    return torch.stack([low, high], dim=1).flatten(0, 1)[:channels]
+
+
+# dtype -> (encode (C, h, w) unit vectors -> stored tensor, decode (stored, C) -> (C, h, w) float)
+CODECS: dict[str, tuple[Callable, Callable]] = {
+    "float32": (lambda x: x.float(), lambda t, c: t.float()),
+    "float16": (lambda x: x.half(), lambda t, c: t.float()),
+    "int8": (lambda x: _int_codes(x, 127).to(torch.int8), lambda t, c: t.float()),
+    "int4": (_pack_int4, _unpack_int4),
+}
+# Stored bytes per value for the unpacked dtypes.
+BYTES_PER_VALUE = {"float32": 4, "float16": 2, "int8": 1}
+
+
+def bytes_per_location(compress_dim: int, dtype: str) -> int:
+    """Stored bytes of one location's C'-vector."""
+    if dtype == "int4":
+        return (compress_dim + 1) // 2
+    return compress_dim * BYTES_PER_VALUE[dtype]
+
+
+def cached_bytes(level_sizes: Sequence[tuple[int, int]], compress_dim: int, dtype: str) -> int:
+    """Payload bytes of one cached pyramid with the given level sizes."""
+    return sum(h * w for h, w in level_sizes) * bytes_per_location(compress_dim, dtype)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha1 of the weights that decide a pyramid: the encoder's backbone and the compress convs."""
+    digest = hashlib.sha1()
+    for prefix in ("encoder.backbone.", "compress."):
+        for name, tensor in model.state_dict().items():
+            if name.startswith(prefix):
+                flat = tensor.detach().cpu().contiguous().reshape(-1)
+                digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+                digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_meta_for(model: nn.Module, dtype: str, dataset: str = "") -> CacheMeta:
+    """The CacheMeta of a CVNetRerank model's pyramids stored as ``dtype``."""
+    return CacheMeta(
+        model_fingerprint(model),
+        model.compress_dim,
+        model.scales,
+        dtype,
+        model.feature_names,
+        dataset,
+    )
+
+
+class PyramidCache:
+    """Quantized store of database pyramids by database index; in memory or one file per image."""
+
+    def __init__(
+        self, meta: CacheMeta, directory: str | os.PathLike | None = None, rebuild: bool = False
+    ) -> None:
+        if meta.dtype not in CODECS:
+            raise ValueError(f"cache dtype {meta.dtype!r} unknown; allowed: {sorted(CODECS)}")
+        self.meta = meta
+        self._encode, self._decode = CODECS[meta.dtype]
+        self._digest = meta.digest()
+        self.directory = None if directory is None else Path(directory)
+        self.rebuild = rebuild
+        self._memory: dict[int, list[torch.Tensor]] = {}
+        if self.directory is not None:
+            self._open_directory()
+
+    def _open_directory(self) -> None:
+        """Check or create the metadata file; a mismatch raises (with rebuild: wipes the items)."""
+        meta_path = self.directory / META_FILE
+        stored = self._read_meta(meta_path)
+        if stored == self.meta.to_dict():
+            return
+        if stored is not None or (self.directory / ITEMS_DIR).exists():
+            problem = self._describe_mismatch(stored)
+            if not self.rebuild:
+                raise CacheError(
+                    f"pyramid cache {str(self.directory)!r} {problem}; delete it or rebuild"
+                )
+            logger.warning("pyramid cache %s %s: rebuilding", self.directory, problem)
+            shutil.rmtree(self.directory / ITEMS_DIR, ignore_errors=True)
+        _atomic_write_bytes(meta_path, json.dumps(self.meta.to_dict(), indent=1).encode())
+
+    @staticmethod
+    def _read_meta(path: Path) -> dict | None:
+        """The stored metadata dict, None when absent, {} when unreadable."""
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+
+    def _describe_mismatch(self, stored: dict | None) -> str:
+        """Human-readable difference between the stored and the requested metadata."""
+        if not stored:
+            return f"has items but no readable {META_FILE}"
+        wanted = self.meta.to_dict()
+        diffs = [
+            f"{k}: cached {stored.get(k)!r} vs wanted {v!r}"
+            for k, v in wanted.items()
+            if stored.get(k) != v
+        ]
+        return "was built with other settings (" + "; ".join(diffs) + ")"
+
+    def _item_path(self, index: int) -> Path:
+        return self.directory / ITEMS_DIR / f"{index // ITEMS_PER_FOLDER:04d}" / f"{index}.pt"
+
+    def __contains__(self, index: int) -> bool:
+        if self.directory is None:
+            return index in self._memory
+        return self._item_path(index).is_file()
+
+    def __len__(self) -> int:
+        if self.directory is None:
+            return len(self._memory)
+        return sum(1 for _ in (self.directory / ITEMS_DIR).glob("*/*.pt"))
+
+    def put(self, index: int, levels: Sequence[torch.Tensor]) -> None:
+        """Store the pyramid of one image: levels (1, C', h_i, w_i) (or (C', h_i, w_i))."""
+        codes = [self._encode(_unit_vectors(x)).cpu() for x in levels]
+        if self.directory is None:
+            self._memory[index] = codes
+            return
+        item = {"digest": self._digest, "channels": self.meta.compress_dim, "levels": codes}
+        _atomic_save(item, self._item_path(index))
+
+    def get(self, index: int, device: torch.device | str = "cpu") -> list[torch.Tensor] | None:
+        """The pyramid as float32 unit vectors (1, C', h_i, w_i) on ``device``; None if absent."""
+        codes = self._memory.get(index) if self.directory is None else self._load_item(index)
+        if codes is None:
+            return None
+        channels = self.meta.compress_dim
+        return [
+            normalize_locations(self._decode(c.to(device), channels).unsqueeze(0)) for c in codes
+        ]
+
+    def _load_item(self, index: int) -> list[torch.Tensor] | None:
+        """Read and check one item file; a bad one raises (or, with rebuild, is deleted: None)."""
+        path = self._item_path(index)
+        if not path.is_file():
+            return None
+        try:
+            item = torch.load(path, map_location="cpu", weights_only=True)
+            problem = self._item_problem(item)
+        except (
+            RuntimeError,
+            EOFError,
+            pickle.UnpicklingError,
+            zipfile.BadZipFile,
+            ValueError,
+        ) as err:
+            problem = f"is unreadable ({type(err).__name__}: {err})"
+        if problem is None:
+            return item["levels"]
+        if not self.rebuild:
+            raise CacheError(
+                f"pyramid cache item {str(path)!r} {problem}; delete the cache or rebuild"
+            )
+        logger.warning("pyramid cache item %s %s: recomputing it", path, problem)
+        path.unlink(missing_ok=True)
+        return None
+
+    def _item_problem(self, item: object) -> str | None:
+        """Why an item dict does not belong to this cache (None when it does)."""
+        if not isinstance(item, dict) or item.get("digest") != self._digest:
+            return "belongs to another cache configuration"
+        expected = len(self.meta.scales) * len(self.meta.feature_names)
+        if len(item.get("levels", ())) != expected:
+            return f"holds {len(item.get('levels', ()))} levels, expected {expected}"
+        return None
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes to a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def build_pyramid_cache(
+    cfg: CfgNode,
+    model: nn.Module,
+    directory: str | os.PathLike | None = None,
+    dataset: str = "",
+    rebuild: bool = False,
+) -> PyramidCache:
+    """Cache for ``model``'s pyramids stored as MODEL.RERANK.CACHE_DTYPE."""
+    return PyramidCache(
+        cache_meta_for(model, cfg.MODEL.RERANK.CACHE_DTYPE, dataset), directory, rebuild
+    )

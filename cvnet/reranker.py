@@ -1,0 +1,137 @@
+"""CVNet-Rerank as a re-ranker of the evaluation engine (``retrieval.evaluation.rerank.Reranker``).
+
+The official test loop recomputes the database backbone and both pyramids for every (query, item)
+pair at batch 1 (spec/cvnet.md §5). Here the query pyramid is computed once per query, database
+pyramids come from a ``PyramidCache`` (computed on first use, or pre-computed for the union of all
+shortlists, e.g. for +R1M), and the shortlist is scored in batches of database images of equal
+pyramid size with the upsample-first correlation. Pyramids are always computed in fp32 (their
+storage precision is the cache dtype); ``amp_dtype`` applies to the scoring (correlation + 4D CNN)
+only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cvnet.cache import PyramidCache
+from cvnet.rerank_model import CVNetRerank
+
+# Rough count of correlation-sized tensors alive while scoring one item (stack, 4D-conv folds).
+CORRELATION_COPIES = 4
+
+
+def shortlist_union(shortlists: Iterable[np.ndarray]) -> np.ndarray:
+    """Sorted unique database ids over all shortlists (the only items whose pyramids are needed)."""
+    arrays = [np.asarray(ids, dtype=np.int64).ravel() for ids in shortlists]
+    return np.unique(np.concatenate(arrays)) if arrays else np.zeros(0, dtype=np.int64)
+
+
+class CVNetReranker:
+    """score(query_index, db_indices) -> match probabilities with cached database pyramids.
+
+    ``load_query(i)`` / ``load_db(j)`` return normalised (1, 3, H, W) tensors (query: cropped, scale
+    1.0; database: full image). ``memory_mb`` bounds the correlation volumes of one batch.
+    """
+
+    def __init__(
+        self,
+        model: CVNetRerank,
+        load_query: Callable[[int], torch.Tensor],
+        load_db: Callable[[int], torch.Tensor],
+        cache: PyramidCache,
+        device: torch.device | str = "cpu",
+        batch_size: int = 8,
+        amp_dtype: torch.dtype | None = None,
+        memory_mb: int = 4096,
+    ) -> None:
+        self.model = model.eval()
+        self.load_query, self.load_db = load_query, load_db
+        self.cache = cache
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.amp_dtype = amp_dtype
+        self.memory_bytes = memory_mb * 2**20
+        self._query: tuple[int, list[torch.Tensor]] | None = None
+
+    def _scoring_precision(self) -> contextlib.AbstractContextManager:
+        """Autocast for the scoring when an AMP dtype is set."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @torch.inference_mode()
+    def pyramid(self, img: torch.Tensor) -> list[torch.Tensor]:
+        """(1, 3, H, W) normalised image -> compressed pyramid levels (1, C', h_i, w_i), fp32."""
+        return self.model.build_pyramid(self.model.extract_dense(img.to(self.device)))
+
+    def query_pyramid(self, query_index: int) -> list[torch.Tensor]:
+        """The query's pyramid, computed once and kept while the same query is scored."""
+        if self._query is None or self._query[0] != query_index:
+            self._query = (query_index, self.pyramid(self.load_query(query_index)))
+        return self._query[1]
+
+    def db_pyramid(self, index: int) -> list[torch.Tensor]:
+        """A database pyramid from the cache (computed and stored on first use), as decoded."""
+        levels = self.cache.get(index, self.device)
+        if levels is None:
+            self.cache.put(index, self.pyramid(self.load_db(index)))
+            levels = self.cache.get(index, self.device)
+        return levels
+
+    def precompute(self, db_indices: Iterable[int]) -> int:
+        """Cache the pyramids of the given ids not cached yet; returns how many were computed."""
+        missing = [int(i) for i in db_indices if int(i) not in self.cache]
+        for index in tqdm(missing, desc="rerank pyramids", leave=False):
+            self.cache.put(index, self.pyramid(self.load_db(index)))
+        return len(missing)
+
+    def _chunk_size(self, q_levels: list[torch.Tensor], k_levels: list[torch.Tensor]) -> int:
+        """Batch size whose correlation volumes fit in ``memory_mb``."""
+        per_item = (
+            len(self.model.pairs) * q_levels[-1][0, 0].numel() * k_levels[-1][0, 0].numel() * 4
+        )
+        return max(1, min(self.batch_size, self.memory_bytes // (CORRELATION_COPIES * per_item)))
+
+    @torch.inference_mode()
+    def _score_batch(
+        self, q_levels: list[torch.Tensor], batch: list[list[torch.Tensor]]
+    ) -> torch.Tensor:
+        """Score one query against database pyramids of equal sizes -> (B,) fp32."""
+        k_levels = [torch.cat(level) for level in zip(*batch)]  # per level (B, C', h_i, w_i)
+        with self._scoring_precision():
+            return self.model.score_pyramids(q_levels, k_levels).float()
+
+    def score(self, query_index: int, db_indices: np.ndarray) -> np.ndarray:
+        """Match probabilities (len(db_indices),) of the query vs database ids (higher = better).
+
+        Database pyramids are grouped by size and scored as soon as a group fills a batch, so at
+        most about (number of distinct sizes x batch) pyramids are held at once.
+        """
+        q_levels = self.query_pyramid(query_index)
+        ids = np.asarray(db_indices, dtype=np.int64).reshape(-1)
+        scores = np.zeros(ids.size, dtype=np.float32)
+        pending: dict[tuple, list[tuple[int, list[torch.Tensor]]]] = defaultdict(list)
+        for position, index in enumerate(ids.tolist()):
+            levels = self.db_pyramid(index)
+            group = pending[tuple(tuple(x.shape[-2:]) for x in levels)]
+            group.append((position, levels))
+            if len(group) >= self._chunk_size(q_levels, levels):
+                self._flush(q_levels, group, scores)
+        for group in pending.values():
+            self._flush(q_levels, group, scores)
+        return scores
+
+    def _flush(self, q_levels: list[torch.Tensor], group: list, scores: np.ndarray) -> None:
+        """Score a group of equal-size database pyramids into ``scores`` and empty the group."""
+        if group:
+            positions = [position for position, _ in group]
+            scores[positions] = (
+                self._score_batch(q_levels, [levels for _, levels in group]).cpu().numpy()
+            )
+            group.clear()
