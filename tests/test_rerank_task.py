@@ -1,0 +1,211 @@
+"""CVNet-Rerank training: tuple curriculum, Hide-and-Seek, frozen encoder, symmetrised loss."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from cvnet.tuples import HideAndSeek, TupleSampler, linear_schedule
+from retrieval.checkpoint import load_checkpoint, save_checkpoint
+from retrieval.config import load_cfg
+from retrieval.engine.rerank_task import RerankTrainModule, build_task, symmetric_match_loss
+from retrieval.engine.trainer import train
+from retrieval.modeling.registry import build_model
+
+TINY = [
+    "MODEL.ARCH",
+    "cvnet_rerank",
+    "MODEL.DEPTH",
+    18,
+    "MODEL.REDUCTION_DIM",
+    16,
+    "MODEL.RERANK.COMPRESS_DIM",
+    8,
+]
+
+
+def toy_sampler(ratio=(0.2, 1.0), epochs=5, seed=0) -> TupleSampler:
+    """4 classes x 3 images; images 0, 1 of a class are overlapped positives; other-class pools."""
+    labels = [i // 3 for i in range(12)]
+    positives = {3 * c: [3 * c + 1] for c in range(4)} | {3 * c + 1: [3 * c] for c in range(4)}
+    pools = {q: [(q + 3) % 12, (q + 6) % 12] for q in positives}
+    return TupleSampler(labels, positives, pools, ratio, pool_size=2, epochs=epochs, seed=seed)
+
+
+def test_linear_schedules_of_hard_ratio_and_hide_probability():
+    sampler = toy_sampler()
+    assert [sampler.hard_negative_ratio(e) for e in range(5)] == pytest.approx(
+        [0.2, 0.4, 0.6, 0.8, 1.0]
+    )
+    hide = HideAndSeek(4, (0.0, 0.2), epochs=3)
+    assert [hide.probability(e) for e in range(3)] == pytest.approx([0.0, 0.1, 0.2])
+    assert linear_schedule(0.3, 0.9, 0, 1) == 0.3 and linear_schedule(
+        0.3, 0.9, 99, 4
+    ) == pytest.approx(0.9)
+
+
+def test_tuples_are_valid_and_follow_the_hard_ratio():
+    labels = np.arange(12) // 3
+    always, never = toy_sampler((1.0, 1.0)), toy_sampler((0.0, 0.0))
+    for epoch in range(20):
+        for hard_tuple, random_tuple in zip(always.epoch_tuples(epoch), never.epoch_tuples(epoch)):
+            for t in (hard_tuple, random_tuple):
+                assert (
+                    t.positive in always.positives[t.query]
+                    and labels[t.negative] != labels[t.query]
+                )
+            assert hard_tuple.hard and hard_tuple.negative in always.hard_pools[hard_tuple.query]
+            assert not random_tuple.hard
+    half = toy_sampler((0.5, 0.5))
+    fraction = np.mean([t.hard for e in range(200) for t in half.epoch_tuples(e)])
+    assert 0.43 < fraction < 0.57
+    assert (
+        len(always) == 4 and len({labels[t.query] for t in always.epoch_tuples(0)}) == 4
+    )  # one per class
+
+
+def test_tuples_are_deterministic_in_seed_and_epoch():
+    a, b = toy_sampler(seed=3), toy_sampler(seed=3)
+    assert a.epoch_tuples(2) == b.epoch_tuples(2)
+    assert any(a.epoch_tuples(e) != a.epoch_tuples(0) for e in range(1, 6))
+    assert any(toy_sampler(seed=4).epoch_tuples(e) != a.epoch_tuples(e) for e in range(6))
+
+
+def test_hide_and_seek_hides_whole_cells_with_the_scheduled_probability():
+    image = torch.randn(3, 32, 48) + 5.0  # no zero pixels before hiding
+    hide = HideAndSeek(4, (0.0, 1.0), epochs=3)
+    rng = np.random.default_rng(0)
+    assert torch.equal(hide(image, 0, rng), image)
+    assert torch.count_nonzero(hide(image, 2, rng)) == 0
+    hidden = []
+    for _ in range(100):
+        out = hide(image, 1, rng)  # p = 0.5
+        cells = (
+            (out == 0).reshape(3, 4, 8, 4, 12).permute(1, 3, 0, 2, 4).reshape(16, -1)
+        )  # (cells, pixels)
+        assert torch.all(
+            cells.all(dim=1) | ~cells.any(dim=1)
+        )  # a cell is hidden entirely or not at all
+        hidden.append(cells.all(dim=1).float().mean())
+    assert 0.44 < float(torch.stack(hidden).mean()) < 0.56
+
+
+def tiny_batch(seed=0, size=64):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.randn(2, 3, size, size, generator=gen) for k in ("query", "positive", "negative")
+    }
+
+
+def test_one_step_trains_compress_and_learner_but_not_the_frozen_encoder():
+    torch.manual_seed(0)
+    module = RerankTrainModule(build_model(load_cfg(None, TINY))).train()
+    assert not module.model.encoder.training and module.model.cv_learner.training
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    params = [p for p in module.parameters() if p.requires_grad]
+    assert all(p.requires_grad is False for p in module.model.encoder.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    module(tiny_batch())["loss_match"].backward()
+    optimizer.step()
+    after = module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("model.compress.") for k in changed)
+    assert any(k.startswith("model.cv_learner.") for k in changed)
+    assert not any(k.startswith("model.encoder.") for k in changed)  # weights and BN statistics
+
+
+def test_symmetrised_loss_is_the_mean_of_both_input_orders():
+    torch.manual_seed(1)
+    module = RerankTrainModule(build_model(load_cfg(None, TINY))).eval()
+    batch = tiny_batch(2)
+    q, p, n = batch["query"], batch["positive"], batch["negative"]
+    logits = (
+        module.model.pair_logits
+    )  # independent path: one pair at a time, no batching of the three images
+    target = torch.tensor([1, 1, 0, 0])
+    with torch.no_grad():
+        order_qk = F.cross_entropy(torch.cat([logits(q, p), logits(q, n)]), target)
+        order_kq = F.cross_entropy(torch.cat([logits(p, q), logits(n, q)]), target)
+        loss = module(batch)["loss_match"]
+    assert float(loss) == pytest.approx(0.5 * float(order_qk + order_kq), rel=1e-5)
+    assert float(order_qk) != pytest.approx(float(order_kq), rel=1e-4)  # the orders really differ
+    a, b = torch.randn(4, 2), torch.randn(4, 2)
+    assert symmetric_match_loss(a, a, target) == pytest.approx(float(F.cross_entropy(a, target)))
+    assert symmetric_match_loss(a, b, target) == pytest.approx(
+        float(symmetric_match_loss(b, a, target))
+    )
+
+
+def write_tiny_gldv2(root) -> None:
+    """3 classes x 2 random images in GLDv2 layout, the pairs CSV and the hard-negative CSV."""
+    rng = np.random.default_rng(0)
+    ids = [[f"{c}{i}a{c}{i}" for i in range(2)] for c in range(3)]
+    for image_id in sum(ids, []):
+        path = root / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), rng.integers(0, 255, (80, 96, 3), dtype=np.uint8))
+    (root / "train.csv").write_text(
+        "landmark_id,images\n" + "".join(f"{c},{' '.join(ids[c])}\n" for c in range(3))
+    )
+    pairs = [f"{a},{b},{c},40\n" for c in range(3) for a, b in (ids[c], ids[c][::-1])]
+    (root / "pairs.csv").write_text("query_id,positive_id,landmark_id,inliers\n" + "".join(pairs))
+    negs = [
+        f"{ids[c][i]},{ids[(c + 1) % 3][0]} {ids[(c + 2) % 3][1]}\n"
+        for c in range(3)
+        for i in range(2)
+    ]
+    (root / "negs.csv").write_text("query_id,negative_ids\n" + "".join(negs))
+
+
+def test_engine_trains_from_a_global_checkpoint(tmp_path):
+    write_tiny_gldv2(tmp_path)
+    global_cfg = load_cfg(
+        None, ["MODEL.ARCH", "cvnet_global", "MODEL.DEPTH", 18, "MODEL.REDUCTION_DIM", 16]
+    )
+    torch.manual_seed(5)
+    global_model = build_model(global_cfg)
+    save_checkpoint(
+        {"model": global_model.state_dict(), "config": global_cfg.dump()}, tmp_path / "global.pth"
+    )
+    cfg = load_cfg(
+        None,
+        TINY
+        + [
+            "MODEL.RERANK.GLOBAL_WEIGHTS",
+            str(tmp_path / "global.pth"),
+            "DATA.ROOT",
+            str(tmp_path),
+            "DATA.NUM_WORKERS",
+            0,
+            "TRAIN.CSV",
+            "train.csv",
+            "TRAIN.IMAGE_DIR",
+            "train",
+            "TRAIN.IMG_SIZE",
+            64,
+            "TRAIN.BATCH_SIZE",
+            2,
+            "TRAIN.EPOCHS",
+            2,
+            "TRAIN.LOG_PERIOD",
+            1,
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+            "RERANK_TRAIN.PAIRS_CSV",
+            "pairs.csv",
+            "RERANK_TRAIN.HARD_NEG_CSV",
+            "negs.csv",
+            "DEVICE",
+            "cpu",
+        ],
+    )
+    task = build_task(cfg)
+    assert len(task.dataset) == 3 and task.dataset[0]["query"].shape == (3, 64, 64)
+    metrics = train(cfg, task)
+    assert np.isfinite(metrics["loss_match"])
+    final = load_checkpoint(tmp_path / "out" / "model_final.pth")["model"]
+    for key, value in global_model.state_dict().items():
+        assert torch.equal(final[f"encoder.{key}"], value)  # the encoder is the frozen global model
