@@ -37,6 +37,8 @@ from retrieval.evaluation.search import full_ranking, search
 
 GLDV2_NAME = "gldv2"
 GLDV2_K = 100
+# Depth of the rank matrices saved beside the results (figures, error analysis).
+SAVED_DEPTH = 100
 
 
 class _PairSims:
@@ -175,9 +177,9 @@ def _strip(results: dict) -> dict:
     return {protocol: {"map": r["map"], "mp@k": r["mp@k"]} for protocol, r in results.items()}
 
 
-def _rerank_rows(cfg, reranker: Reranker, gnd: list, rankings: dict) -> dict:
-    """'<label>+rerank K' rows for every ranking of ``rankings`` (label -> (ranks, sims))."""
-    rows = {}
+def _rerank_rows(cfg, reranker: Reranker, gnd: list, rankings: dict) -> tuple[dict, dict]:
+    """'<label>+rerank K' rows and re-ranked rank matrices for every ranking of ``rankings``."""
+    rows, ranked = {}, {}
     for label, (ranks, sims) in rankings.items():
         reranked = rerank_top_k(
             ranks,
@@ -189,10 +191,19 @@ def _rerank_rows(cfg, reranker: Reranker, gnd: list, rankings: dict) -> dict:
             weight=float(cfg.TEST.RERANK_WEIGHT),
         )
         prefix = "" if label == "global" else label
-        rows.update(
-            {f"{prefix}+rerank {k}": _strip(evaluate_reranked(r, gnd)) for k, r in reranked.items()}
-        )
-    return rows
+        for k, by_protocol in reranked.items():
+            rows[f"{prefix}+rerank {k}"] = _strip(evaluate_reranked(by_protocol, gnd))
+            for key, matrix in by_protocol.items():
+                ranked[f"{prefix}+rerank {k}:{key}"] = matrix
+    return rows, ranked
+
+
+def save_rankings(path: Path, rankings: dict[str, np.ndarray], depth: int = SAVED_DEPTH) -> None:
+    """The top ``depth`` of every rank matrix (label -> (n, nq)) as one .npz, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **{label: ranks[:depth] for label, ranks in rankings.items()})
+    tmp.replace(path)
 
 
 def _with_distractors(
@@ -240,6 +251,7 @@ def evaluate_revisitop_set(
     db, topn, extra = _with_distractors(cfg, model, device, x, out_dir)
     rankings = _rankings(cfg, q.features, db, topn, device)
     rows = {label: _strip(evaluate_revisitop(r, data.gnd)) for label, (r, _) in rankings.items()}
+    saved = {label: ranks for label, (ranks, _) in rankings.items()}
     if len(cfg.TEST.RERANK_TOPK):
         db_paths = [*data.db_paths(), *(r1m_paths(cfg.DATA.ROOT) if cfg.TEST.R1M else [])]
         context = RerankContext(
@@ -253,7 +265,11 @@ def evaluate_revisitop_set(
             out_dir / "features",
         )
         reranker = MemoReranker(build_reranker(cfg, rerank_model, context))
-        rows.update(_rerank_rows(cfg, reranker, data.gnd, rankings))
+        rerank_rows, reranked = _rerank_rows(cfg, reranker, data.gnd, rankings)
+        rows.update(rerank_rows)
+        saved.update(reranked)
+    if is_main_process():
+        save_rankings(out_dir / f"rankings_{name}.npz", saved)
     ranking = "full" if topn is None else f"top {topn}"
     return {
         "rows": rows,
