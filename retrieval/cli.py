@@ -10,7 +10,7 @@ from retrieval.checkpoint import CheckpointError
 from retrieval.config import ConfigError
 
 # Errors caused by the user's input (files, keys, values); anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, FileExistsError)
 
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
