@@ -209,3 +209,35 @@ def test_engine_trains_from_a_global_checkpoint(tmp_path):
     final = load_checkpoint(tmp_path / "out" / "model_final.pth")["model"]
     for key, value in global_model.state_dict().items():
         assert torch.equal(final[f"encoder.{key}"], value)  # the encoder is the frozen global model
+
+
+def test_encoder_from_global_checkpoints(tmp_path):
+    """A CVNet-Global checkpoint fills the whole encoder; a SENet one fills the backbone only."""
+    from retrieval.engine.rerank_task import load_encoder_weights
+    from retrieval.modeling.official_names import to_official
+
+    rerank = build_model(
+        load_cfg(
+            None, ["MODEL.ARCH", "cvnet_rerank", "MODEL.DEPTH", "18", "MODEL.GEM_TRAINABLE", "True"]
+        )
+    )
+    head_before = rerank.encoder.head.fc.weight.clone()
+    senet = build_model(load_cfg(None, ["MODEL.ARCH", "senet", "MODEL.DEPTH", "18"]))
+    for index, state in enumerate((senet.state_dict(), to_official(senet.state_dict(), "senet"))):
+        path = save_checkpoint({"model": state}, tmp_path / f"senet{index}.pth")
+        load_encoder_weights(rerank, str(path))
+        assert torch.equal(
+            rerank.encoder.backbone.layer3[1].conv2.weight, senet.backbone.layer3[1].conv2.weight
+        )
+        assert torch.equal(
+            rerank.encoder.head.fc.weight, head_before
+        )  # no SENet head in CVNet-Global
+
+    cvnet = build_model(
+        load_cfg(
+            None, ["MODEL.ARCH", "cvnet_global", "MODEL.DEPTH", "18", "MODEL.GEM_TRAINABLE", "True"]
+        )
+    )
+    path = save_checkpoint({"model": cvnet.state_dict()}, tmp_path / "cvnet.pth")
+    load_encoder_weights(rerank, str(path))
+    assert torch.equal(rerank.encoder.head.fc.weight, cvnet.head.fc.weight)

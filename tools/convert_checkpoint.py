@@ -20,7 +20,7 @@ from retrieval.checkpoint import (
 )  # noqa: E402
 from retrieval.cli import run_cli  # noqa: E402
 from retrieval.config import cfg_from_dump, load_cfg  # noqa: E402
-from retrieval.modeling.inspect import guess_arch, guess_depth  # noqa: E402
+from retrieval.modeling.inspect import guess_arch, model_overrides  # noqa: E402
 from retrieval.modeling.official_names import (
     MODEL_SCOPES,
     from_official,
@@ -53,21 +53,10 @@ def to_ours(args: argparse.Namespace) -> None:
     if not args.arch:
         raise SystemExit("--arch is required to convert an official checkpoint")
     ours = from_official(state, args.arch)
-    depth = guess_depth({k.removeprefix("encoder."): v for k, v in ours.items()})
-    gem = "True" if any(k.endswith("head.pool.p") for k in ours) else "False"
-    opts = [
-        "MODEL.ARCH",
-        args.arch,
-        "MODEL.DEPTH",
-        str(depth),
-        "MODEL.GEM_TRAINABLE",
-        gem,
-        *args.opts,
-    ]
-    cfg = load_cfg(args.config, opts)
+    cfg = load_cfg(args.config, [*model_overrides(ours, args.arch), *args.opts])
     load_state_strict(build_model(cfg), ours, f"converted {args.src}")
     save_checkpoint({"model": ours, "config": cfg.dump()}, args.dst)
-    print(f"wrote {args.dst}: {len(ours)} tensors, {args.arch} R{depth}")
+    print(f"wrote {args.dst}: {len(ours)} tensors, {args.arch} R{cfg.MODEL.DEPTH}")
 
 
 def to_official_file(args: argparse.Namespace) -> None:

@@ -17,10 +17,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from retrieval.checkpoint import load_checkpoint, load_model_weights  # noqa: E402
+from retrieval.checkpoint import (  # noqa: E402
+    extract_state_dict,
+    load_checkpoint,
+    load_model_weights,
+)
+from retrieval.cli import run_cli  # noqa: E402
 from retrieval.config import cfg_from_dump, load_cfg  # noqa: E402
 from retrieval.evaluation.evaluator import evaluate  # noqa: E402
 from retrieval.evaluation.report import format_markdown  # noqa: E402
+from retrieval.modeling.inspect import model_overrides  # noqa: E402
+from retrieval.modeling.official_names import from_official, looks_official  # noqa: E402
 from retrieval.modeling.registry import build_model  # noqa: E402
 
 
@@ -41,31 +48,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_cfg(config: str | None, weights: str, opts: list[str]):
-    """--config + overrides; MODEL replaced by the checkpoint's stored MODEL when present."""
-    cfg = load_cfg(config, opts)
-    weights = weights or cfg.MODEL.WEIGHTS
-    stored = load_checkpoint(weights).get("config") if weights else None
+def cfg_for_weights(cfg, weights: str, arch: str):
+    """``cfg`` with the MODEL section that built ``weights``: the stored config of our checkpoints;
+    for official files (no config) ``arch`` with the depth and GeM kind read off their keys."""
+    cfg = cfg.clone()
     cfg.defrost()
-    if isinstance(stored, str):
-        cfg.MODEL = cfg_from_dump(stored).MODEL.clone()
+    obj = load_checkpoint(weights)
+    if isinstance(obj.get("config"), str):
+        cfg.MODEL = cfg_from_dump(obj["config"]).MODEL.clone()
         cfg.defrost()  # the stored node arrives frozen
         print(f"model rebuilt from the config stored in {weights}", file=sys.stderr)
+    else:
+        state = extract_state_dict(obj)
+        state = from_official(state, arch) if looks_official(state) else state
+        cfg.merge_from_list(model_overrides(state, arch))
     cfg.MODEL.WEIGHTS = weights
-    cfg.MODEL.PRETRAINED = (
-        ""  # the checkpoint holds every weight; an ImageNet file may not exist here
-    )
+    cfg.MODEL.PRETRAINED = ""  # the checkpoint holds every weight; an ImageNet file may not exist
     cfg.freeze()
     return cfg
 
 
+def resolve_cfg(config: str | None, weights: str, opts: list[str]):
+    """--config + overrides; MODEL replaced by the one the checkpoint was built with."""
+    cfg = load_cfg(config, opts)
+    weights = weights or cfg.MODEL.WEIGHTS
+    return cfg_for_weights(cfg, weights, cfg.MODEL.ARCH) if weights else cfg
+
+
 def load_rerank_model(cfg) -> nn.Module | None:
-    """The CVNet-Rerank model of TEST.RERANK_WEIGHTS (None when unset)."""
+    """The CVNet-Rerank model of TEST.RERANK_WEIGHTS, rebuilt as it was trained (None when unset)."""
     if not cfg.TEST.RERANK_WEIGHTS:
         return None
-    rerank_cfg = cfg.clone()
-    rerank_cfg.defrost()
-    rerank_cfg.MODEL.ARCH = "cvnet_rerank"
+    rerank_cfg = cfg_for_weights(cfg, cfg.TEST.RERANK_WEIGHTS, "cvnet_rerank")
     model = build_model(rerank_cfg)
     load_model_weights(model, cfg.TEST.RERANK_WEIGHTS, "cvnet_rerank")
     return model
@@ -99,4 +113,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -143,14 +143,34 @@ class RerankTrainModule(nn.Module):
         }
 
 
+def _checkpoint_arch(state: dict) -> str:
+    """senet / cvnet_rerank / cvnet_global from characteristic keys (ours or official naming)."""
+    if any(key.startswith(("ssm.", "SSM.")) for key in state):
+        return "senet"
+    if any(key.startswith("cv_learner.") for key in state):
+        return "cvnet_rerank"
+    return "cvnet_global"
+
+
 def load_encoder_weights(model: CVNetRerank, path: str) -> None:
-    """Encoder weights from a global or re-rank checkpoint (ours or official)."""
+    """Encoder weights from a global or re-rank checkpoint (ours or official).
+
+    CVNet-Global and CVNet-Rerank checkpoints fill the whole encoder. A SENet checkpoint fills its
+    backbone only (the re-ranker correlates backbone features; the SSM and head have no place in a
+    CVNet-Global encoder), so a trained SENet can feed the re-ranker as in SENet supp. Tab. S1 (b).
+    """
     state = extract_state_dict(load_checkpoint(path))
-    if looks_official(state):  # encoder_q. -> encoder., conv2ds. -> compress.
-        state = from_official(state, "cvnet_rerank")
-    if any(key.startswith("encoder.") for key in state):  # a re-rank checkpoint: its encoder only
+    arch = _checkpoint_arch(state)
+    if looks_official(state):
+        state = from_official(state, arch)
+    source = f"MODEL.RERANK.GLOBAL_WEIGHTS {path!r}"
+    if arch == "cvnet_rerank":  # its encoder only
         state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-    load_state_strict(model.encoder, state, f"MODEL.RERANK.GLOBAL_WEIGHTS {path!r}")
+    if arch == "senet":
+        backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+        load_state_strict(model.encoder.backbone, backbone, f"{source} (SENet backbone)")
+        return
+    load_state_strict(model.encoder, state, source)
 
 
 def build_rerank_model(cfg: CfgNode) -> CVNetRerank:

@@ -41,3 +41,13 @@ def count_parameters(state: Mapping[str, torch.Tensor]) -> int:
     """Number of floating-point values, BN running statistics and counters excluded."""
     skip = ("running_mean", "running_var", "num_batches_tracked")
     return sum(v.numel() for k, v in state.items() if not k.endswith(skip))
+
+
+def model_overrides(state: Mapping[str, torch.Tensor], arch: str) -> list[str]:
+    """Config overrides (KEY VALUE ...) that build the model of a checkpoint without a stored config.
+
+    ``state`` uses our naming; depth and whether GeM p is a parameter are read off the keys.
+    """
+    depth = guess_depth({key.removeprefix("encoder."): value for key, value in state.items()})
+    p_trainable = any(key.endswith("head.pool.p") for key in state)
+    return ["MODEL.ARCH", arch, "MODEL.DEPTH", str(depth), "MODEL.GEM_TRAINABLE", str(p_trainable)]
