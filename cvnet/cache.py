@@ -292,7 +292,7 @@ def build_pyramid_cache(
     dataset: str = "",
     rebuild: bool = False,
 ) -> PyramidCache:
-    """Cache for ``model``'s pyramids stored as MODEL.RERANK.CACHE_DTYPE."""
+    """Cache for ``model``'s pyramids stored as TEST.RERANK_CACHE_DTYPE."""
     return PyramidCache(
-        cache_meta_for(model, cfg.MODEL.RERANK.CACHE_DTYPE, dataset), directory, rebuild
+        cache_meta_for(model, cfg.TEST.RERANK_CACHE_DTYPE, dataset), directory, rebuild
     )

@@ -83,14 +83,6 @@ _C.MODEL.RERANK.SCALES = [0.25, 0.5, 1.0]
 _C.MODEL.RERANK.CROSS_SCALE = True
 # 4D kernels of the correlation encoder: asymmetric (official) or symmetric (Tab. S7).
 _choice(_C.MODEL.RERANK, "MODEL.RERANK", "KERNEL", "asymmetric", ("asymmetric", "symmetric"))
-# Storage type of cached compressed database pyramids (Tab. S4).
-_choice(
-    _C.MODEL.RERANK,
-    "MODEL.RERANK",
-    "CACHE_DTYPE",
-    "float16",
-    ("float32", "float16", "int8", "int4"),
-)
 # Checkpoint of the trained global model whose frozen backbone feeds the re-ranker ("" = MODEL.WEIGHTS).
 _C.MODEL.RERANK.GLOBAL_WEIGHTS = ""
 
@@ -262,6 +254,8 @@ _C.TEST.DBA_N = 0
 _C.TEST.RERANK_TOPK = []
 # Shortlist rule: official (per protocol, skipping junk) or label_free (top-K of one ranking).
 _choice(_C.TEST, "TEST", "RERANK_MODE", "official", ("official", "label_free"))
+# Storage type of the cached compressed database pyramids of CVNet-Rerank (CVNet supp. Tab. S4).
+_choice(_C.TEST, "TEST", "RERANK_CACHE_DTYPE", "float16", ("float32", "float16", "int8", "int4"))
 # Fusion weight: s_global + weight * s_rerank (CVNet: 0.5; Fig. S3).
 _C.TEST.RERANK_WEIGHT = 0.5
 # Re-ranker: cvnet (a CVNet-Rerank checkpoint) or gv (geometric verification with pydegensac).

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# CVNet supp. Tab. S1: hard-negative sampling ratio.
+# Usage: scripts/reproduce_cvnet_S1.sh [--scale demo|full] [--nproc N] [--dry-run] [...]  (see docs/reproducing.md)
+# demo (default): synthetic benchmark on the CPU; full: the published recipe on real data (torchrun, --nproc GPUs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec "${PYTHON:-.venv/bin/python}" tools/reproduce.py --table cvnet_S1 "$@"

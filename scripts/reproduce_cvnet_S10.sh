@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# CVNet supp. Tab. S10: SupCon vs. momentum contrastive loss.
+# Usage: scripts/reproduce_cvnet_S10.sh [--scale demo|full] [--nproc N] [--dry-run] [...]  (see docs/reproducing.md)
+# demo (default): synthetic benchmark on the CPU; full: the published recipe on real data (torchrun, --nproc GPUs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec "${PYTHON:-.venv/bin/python}" tools/reproduce.py --table cvnet_S10 "$@"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# CVNet supp. Fig. S3: score fusion weight alpha.
+# Usage: scripts/reproduce_cvnet_figS3.sh [--scale demo|full] [--nproc N] [--dry-run] [...]  (see docs/reproducing.md)
+# demo (default): synthetic benchmark on the CPU; full: the published recipe on real data (torchrun, --nproc GPUs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec "${PYTHON:-.venv/bin/python}" tools/reproduce.py --table cvnet_figS3 "$@"
