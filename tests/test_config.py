@@ -139,3 +139,14 @@ def test_several_files_compose_in_order(tmp_path):
     shrink = _write(tmp_path / "shrink.yaml", "MODEL:\n  DEPTH: 18\n")
     cfg = load_cfg([row, shrink], ["TRAIN.EPOCHS", "1"])
     assert (cfg.MODEL.DEPTH, cfg.MODEL.SSM.SIM, cfg.TRAIN.EPOCHS) == (18, "dot", 1)
+
+
+def test_config_reference_is_up_to_date():
+    """docs/config_reference.md is generated from defaults.py; regenerate it when a key changes."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools/config_reference.py"), "--check"], capture_output=True
+    )
+    assert result.returncode == 0, result.stderr.decode()
