@@ -1,4 +1,6 @@
-"""Checkpoints: atomic saves, readable errors for corrupt files, strict loading of ours and official weights."""
+"""Checkpoints: atomic saves, readable errors for corrupt files, strict loading of ours and official
+weights.
+"""
 
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ TOLERATED_MISSING_SUFFIX = "num_batches_tracked"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be read or does not fit the model; the message names file and keys."""
+    """A checkpoint cannot be read or does not fit the model; the message names file and keys."""
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a file."""
+    """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a
+    file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -44,7 +48,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is truncated or not a torch checkpoint ({type(err).__name__}: {err})"
+            f"checkpoint {str(path)!r} is truncated or not a torch checkpoint "
+            f"({type(err).__name__}: {err})"
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(
@@ -54,7 +59,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def extract_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint: ours ('model'), pycls ('model_state') or a bare state dict."""
+    """The model weights of a checkpoint: ours ('model'), pycls ('model_state') or a bare state
+    dict.
+    """
     for key in ("model", "model_state", "state_dict"):
         if key in obj and isinstance(obj[key], Mapping):
             return dict(obj[key])
@@ -77,7 +84,9 @@ def _mismatch_report(model_state: Mapping, state: Mapping) -> list[str]:
 
 
 def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """load_state_dict that reports every bad key by name; only a missing num_batches_tracked is tolerated."""
+    """load_state_dict that reports every bad key by name; only a missing num_batches_tracked is
+    tolerated.
+    """
     model_state = model.state_dict()
     problems = _mismatch_report(model_state, state)
     if problems:

@@ -1,4 +1,6 @@
-"""Helpers shared by the thin scripts in tools/: user errors become one line on stderr, not a traceback."""
+"""Helpers shared by the thin scripts in tools/: user errors become one line on stderr, not a
+traceback.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from collections.abc import Callable
 from retrieval.checkpoint import CheckpointError
 from retrieval.config import ConfigError
 
-# Errors caused by the user's input (files, keys, values); anything else is a bug and keeps its traceback.
+# Errors caused by the user's input (files, keys, values); anything else is a bug and keeps its
+# traceback.
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, FileExistsError)
 
 

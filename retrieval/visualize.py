@@ -1,4 +1,6 @@
-"""Figures: training curves from metrics.jsonl and a query's top results with correct/incorrect borders."""
+"""Figures: training curves from metrics.jsonl and a query's top results with correct/incorrect
+borders.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ BORDER = {"positive": (0, 170, 0), "negative": (220, 0, 0), "junk": (150, 150, 1
 
 
 def read_metrics(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """metrics.jsonl -> {metric: (iterations, values)}; the last record of a resumed iteration wins."""
+    """metrics.jsonl -> {metric: (iterations, values)}; a resumed iteration's last record wins."""
     by_iteration: dict[int, dict] = {}
     for line in Path(path).read_text().splitlines():
         record = json.loads(line)
@@ -28,10 +30,14 @@ def read_metrics(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         for key, value in by_iteration[iteration].items():
             if key != "iteration" and isinstance(value, (int, float)):
                 curves.setdefault(key, []).append((iteration, float(value)))
-    return {k: (np.array([i for i, _ in v]), np.array([x for _, x in v])) for k, v in curves.items()}
+    return {
+        k: (np.array([i for i, _ in v]), np.array([x for _, x in v])) for k, v in curves.items()
+    }
 
 
-def plot_training_curves(runs: Mapping[str, str | Path], keys: Sequence[str], out: str | Path) -> None:
+def plot_training_curves(
+    runs: Mapping[str, str | Path], keys: Sequence[str], out: str | Path
+) -> None:
     """One panel per run: the ``keys`` curves (losses) against the iteration."""
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
     for ax, (name, path) in zip(axes[0], runs.items()):
@@ -75,7 +81,9 @@ def plot_query_rows(
 ) -> None:
     """Query thumbnail, then for each named ranking its top images with label-coloured borders."""
     n_cols = 1 + max(len(items) for items in rows.values())
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.3 * n_cols, 1.5 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), n_cols, figsize=(1.3 * n_cols, 1.5 * len(rows)), squeeze=False
+    )
     for ax_row, (name, items) in zip(axes, rows.items()):
         ax_row[0].imshow(bordered(query_bgr, (40, 90, 220)))
         ax_row[0].set_title("query", fontsize=8)

@@ -1,4 +1,4 @@
-"""Every shipped model config loads and builds its model (paper-table rows: tests/test_tables.py)."""
+"""Every shipped model config loads and builds its model (table rows: tests/test_tables.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Our models converted to official names give exactly the official key lists; conversions round-trip."""
+"""Our models converted to official names give exactly the official key lists; conversions round-
+trip.
+"""
 
 from __future__ import annotations
 

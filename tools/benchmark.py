@@ -2,7 +2,8 @@
 
   python tools/benchmark.py NAME [benchmark flags]     NAME in: eval-metrics, search, rerank, train
 
-Each benchmark lives in retrieval/benchmarks/<name>.py and returns a dict; it is printed and written to
+Each benchmark lives in retrieval/benchmarks/<name>.py and returns a dict; it is printed and written
+to
 docs/benchmarks/<name>.json (override with --out) together with the command line and the machine.
 """
 

@@ -1,6 +1,7 @@
 """Convert a checkpoint between the official pycls naming and ours.
 
-python tools/convert_checkpoint.py --to ours CVPR2022_CVNet_R50.pyth cvnet_r50.pth --arch cvnet_rerank
+python tools/convert_checkpoint.py --to ours CVPR2022_CVNet_R50.pyth cvnet_r50.pth --arch
+cvnet_rerank
 python tools/convert_checkpoint.py --to official output/senet/model_final.pth senet_official.pyth
 """
 

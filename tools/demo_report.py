@@ -3,7 +3,8 @@
   python tools/demo_report.py [--out output/demo] [--topk 50]
 
 Reads what the demo's runs wrote: eval_untrained/results.json and eval/results.json (tools/eval.py),
-eval/rankings_<set>.npz, the metrics.jsonl of the trainings, and the test sets' ground truth and images.
+eval/rankings_<set>.npz, the metrics.jsonl of the trainings, and the test sets' ground truth
+and images.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def table(untrained: dict, trained: dict) -> str:
     runs += [(f"SENet, {row}", trained, row) for row in trained["datasets"][sets[0]]["rows"]]
     for label, results, row in runs:
         cells = [
-            f"{100 * results['datasets'][s]['rows'][row][p]['map']:.2f}" for s in sets for p, _ in PROTOCOLS
+            f"{100 * results['datasets'][s]['rows'][row][p]['map']:.2f}"
+            for s in sets
+            for p, _ in PROTOCOLS
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -43,6 +46,7 @@ def table(untrained: dict, trained: dict) -> str:
 
 def best_query(before: np.ndarray, after: np.ndarray, gnd: list) -> int:
     """The query whose top 10 gains the most positives from re-ranking."""
+
     def positives(ranks, q):
         return sum(label_of(int(i), gnd[q]) == "positive" for i in ranks[:10, q])
 
@@ -60,13 +64,19 @@ def query_figure(cfg, name: str, rankings: dict, rerank_key: str, out: Path) -> 
         title: [(read_image(paths[i]), label_of(int(i), data.gnd[q])) for i in ranks[:10, q]]
         for title, ranks in (("global", before), (rerank_key.split(":")[0], after))
     }
-    plot_query_rows(query, rows, out, title=f"{name} query {q}: green positive, red negative, grey junk")
+    plot_query_rows(
+        query, rows, out, title=f"{name} query {q}: green positive, red negative, grey junk"
+    )
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="output/demo")
-    parser.add_argument("--config", default="configs/demo/senet.yaml", help="config of the evaluated model")
+    parser.add_argument(
+        "--config", default="configs/demo/senet.yaml", help="config of the evaluated model"
+    )
     parser.add_argument("--topk", type=int, default=50, help="re-ranking depth shown in the figure")
     args = parser.parse_args(argv)
     out, cfg = Path(args.out), load_cfg(args.config)
@@ -75,9 +85,14 @@ def main(argv=None) -> None:
     text = "## Demo results (mAP, synthetic benchmark)\n\n" + table(untrained, trained) + "\n"
     (out / "results.md").write_text(text)
     print(text)
-    runs = {"SENet": out / "senet/metrics.jsonl", "CVNet-Rerank": out / "cvnet_rerank/metrics.jsonl"}
+    runs = {
+        "SENet": out / "senet/metrics.jsonl",
+        "CVNet-Rerank": out / "cvnet_rerank/metrics.jsonl",
+    }
     keys = ("total_loss", "loss_cls", "loss_con", "loss_match")
-    plot_training_curves({k: v for k, v in runs.items() if v.is_file()}, keys, out / "training_curves.png")
+    plot_training_curves(
+        {k: v for k, v in runs.items() if v.is_file()}, keys, out / "training_curves.png"
+    )
     for name in trained["datasets"]:
         rankings = dict(np.load(out / f"eval/rankings_{name}.npz"))
         key = f"+rerank {args.topk}:medium"

@@ -76,7 +76,7 @@ def resolve_cfg(config: str | None, weights: str, opts: list[str]):
 
 
 def load_rerank_model(cfg) -> nn.Module | None:
-    """The CVNet-Rerank model of TEST.RERANK_WEIGHTS, rebuilt as it was trained (None when unset)."""
+    """The CVNet-Rerank model of TEST.RERANK_WEIGHTS, rebuilt as trained (None when unset)."""
     if not cfg.TEST.RERANK_WEIGHTS:
         return None
     rerank_cfg = cfg_for_weights(cfg, cfg.TEST.RERANK_WEIGHTS, "cvnet_rerank")

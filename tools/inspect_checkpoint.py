@@ -1,4 +1,5 @@
-"""Print what a checkpoint holds: naming, architecture, depth, parameters, stored config and training state.
+"""Print what a checkpoint holds: naming, architecture, depth, parameters, stored config and
+training state.
 
 python tools/inspect_checkpoint.py output/senet/last_checkpoint.pth [--keys]
 """
@@ -43,9 +44,8 @@ def main(argv=None) -> None:
     ours, arch = _to_ours(state)
     print(f"file:        {args.path}")
     print(f"naming:      {'official (pycls)' if looks_official(state) else 'ours'}")
-    print(
-        f"arch:        {arch}, ResNet-{guess_depth({k.removeprefix('encoder.'): v for k, v in ours.items()})}"
-    )
+    depth = guess_depth({k.removeprefix("encoder."): v for k, v in ours.items()})
+    print(f"arch:        {arch}, ResNet-{depth}")
     print(f"tensors:     {len(state)}, parameters: {count_parameters(state):,}")
     print(f"other keys:  {sorted(k for k in obj if k not in ('model', 'model_state'))}")
     if "iteration" in obj:

@@ -1,7 +1,8 @@
-"""Every config key with its default and a one-line comment. YAML files and the command line override these.
+"""Every config key with its default and a one-line comment; YAML files and the command line
+override these.
 
-Keys whose value names an implementation are declared with ``_choice`` so that a value outside the allowed set
-is rejected with the list of allowed values (see retrieval/config/loader.py).
+Keys whose value names an implementation are declared with ``_choice`` so that a value outside
+the allowed set is rejected with the list of allowed values (see retrieval/config/loader.py).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ _C.MODEL = CN()
 _choice(_C.MODEL, "MODEL", "ARCH", "senet", ("senet", "cvnet_global", "cvnet_rerank"))
 # ResNet depth of the backbone.
 _choice(_C.MODEL, "MODEL", "DEPTH", 50, (18, 34, 50, 101, 152))
-# Channel order the network expects: BGR (official CVNet/SENet, pycls ImageNet lineage) or RGB (torchvision).
+# Channel order the network expects: BGR (official CVNet/SENet, pycls lineage) or RGB (torchvision).
 _choice(_C.MODEL, "MODEL", "INPUT_FORMAT", "BGR", ("BGR", "RGB"))
 # Full model weights to load (our checkpoint or an official .pyth); "" = none.
 _C.MODEL.WEIGHTS = ""
@@ -53,16 +54,16 @@ _choice(_C.MODEL, "MODEL", "PRETRAINED_FORMAT", "pycls", ("pycls", "torchvision"
 _C.MODEL.REDUCTION_DIM = 2048
 # Initial (or fixed) GeM exponent.
 _C.MODEL.GEM_P = 3.0
-# Learn the GeM exponent (CVNet-Global: True, a checkpoint key) or keep it fixed (SENet: False, no key).
+# Learn the GeM exponent (CVNet-Global: True, a checkpoint key) or fix it (SENet: False, no key).
 _C.MODEL.GEM_TRAINABLE = False
 
 # Self-similarity module of SENet (spec/senet.md §2.3, SENet supp. Tab. S3-S5).
 _C.MODEL.SSM = CN()
-# Self-similarity per channel (official) or one similarity over all channels per neighbour (Tab. S3 "directly").
+# Similarity per channel (official) or one over all channels per neighbour (Tab. S3 "directly").
 _choice(_C.MODEL.SSM, "MODEL.SSM", "SELF_SIMILARITY", "channelwise", ("channelwise", "direct"))
 # Similarity of reduced features: cosine (L2-normalised, official) or plain dot product (Tab. S4).
 _choice(_C.MODEL.SSM, "MODEL.SSM", "SIM", "cosine", ("cosine", "dot"))
-# Fusion of the structural embedding with the visual feature: sum (official) or concatenation (Tab. S5).
+# Fusion of structural embedding and visual feature: sum (official) or concatenation (Tab. S5).
 _choice(_C.MODEL.SSM, "MODEL.SSM", "FUSION", "sum", ("sum", "concat"))
 # Reduced channel count C' before the self-similarity.
 _C.MODEL.SSM.MID_DIM = 256
@@ -83,7 +84,7 @@ _C.MODEL.RERANK.SCALES = [0.25, 0.5, 1.0]
 _C.MODEL.RERANK.CROSS_SCALE = True
 # 4D kernels of the correlation encoder: asymmetric (official) or symmetric (Tab. S7).
 _choice(_C.MODEL.RERANK, "MODEL.RERANK", "KERNEL", "asymmetric", ("asymmetric", "symmetric"))
-# Checkpoint of the trained global model whose frozen backbone feeds the re-ranker ("" = MODEL.WEIGHTS).
+# Trained global model whose frozen backbone feeds the re-ranker ("" = MODEL.WEIGHTS).
 _C.MODEL.RERANK.GLOBAL_WEIGHTS = ""
 
 # --------------------------------------------------------------------------------------------- data
@@ -107,7 +108,7 @@ _C.TRAIN.IMAGE_DIR = "gldv2/train"
 _C.TRAIN.IMG_SIZE = 512
 # Global batch size (split over the ranks).
 _C.TRAIN.BATCH_SIZE = 64
-# Images per class in a batch (>1 gives in-batch positives for the contrastive loss; 1 = plain shuffle).
+# Images per class in a batch (>1: in-batch positives for the contrastive loss; 1: plain shuffle).
 _C.TRAIN.SAMPLES_PER_CLASS = 1
 # Number of epochs.
 _C.TRAIN.EPOCHS = 25
@@ -131,7 +132,7 @@ _C.TRAIN.SYNC_BN = False
 _choice(_C.TRAIN, "TRAIN", "AMP", "off", ("off", "bf16", "fp16"))
 # Use the channels_last memory format (faster convolutions on recent GPUs).
 _C.TRAIN.CHANNELS_LAST = False
-# Keep BatchNorm in eval mode (frozen statistics, affine still trained): tiny per-GPU batches; CPU DDP tests.
+# Keep BatchNorm in eval mode (frozen statistics, affine trained): tiny per-GPU batches, CPU DDP.
 _C.TRAIN.FREEZE_BN = False
 # Checkpoints kept in OUTPUT_DIR (older ones are deleted; 0 = keep all).
 _C.TRAIN.CHECKPOINT_KEEP = 3
@@ -209,7 +210,7 @@ _C.RERANK_TRAIN.MIN_INLIERS = 30
 _C.RERANK_TRAIN.NUM_NEIGHBORS = 10
 # Keep classes with more than this many images in overlapping pairs.
 _C.RERANK_TRAIN.MIN_CLASS_IMAGES = 10
-# CSV of hard-negative pools (query_id,negative_ids) written by tools/select_pairs.py, relative to DATA.ROOT.
+# CSV of hard-negative pools (query_id,negative_ids) from tools/select_pairs.py, under DATA.ROOT.
 _C.RERANK_TRAIN.HARD_NEG_CSV = "gldv2/hard_negatives.csv"
 # Classes per resumable work chunk of the pair selection.
 _C.RERANK_TRAIN.CHUNK_CLASSES = 100
@@ -264,7 +265,7 @@ _choice(_C.TEST, "TEST", "RERANKER", "cvnet", ("cvnet", "gv"))
 _C.TEST.RERANK_WEIGHTS = ""
 # Minimum inlier count of the geometric-verification re-ranker (CVNet supp. S4: 100).
 _C.TEST.GV_MIN_INLIERS = 100
-# GV local features: dense backbone map locations (largest L2 norms) or cv2 SIFT (also used by pair selection).
+# GV local features: dense backbone locations (largest L2 norms) or cv2 SIFT (also pair selection).
 _choice(_C.TEST, "TEST", "GV_LOCAL_FEATURES", "backbone", ("backbone", "sift"))
 # Backbone feature map of the dense GV local features (detectron2 name).
 _C.TEST.GV_FEATURE = "res4"
@@ -272,7 +273,7 @@ _C.TEST.GV_FEATURE = "res4"
 _C.TEST.GV_SCALES = [0.7071, 1.0, 1.4142]
 # Maximum number of GV local features per image (CVNet supp. S4: 1000).
 _C.TEST.GV_MAX_FEATURES = 1000
-# GV model estimator: pydegensac homography (CVNet supp. S4) or scikit-learn RANSAC with an affine model.
+# GV estimator: pydegensac homography (CVNet supp. S4) or scikit-learn RANSAC with an affine model.
 _choice(_C.TEST, "TEST", "GV_ESTIMATOR", "degensac", ("degensac", "sklearn"))
 # RANSAC inlier threshold in image pixels (reprojection distance).
 _C.TEST.GV_PIXEL_THRESHOLD = 16.0

@@ -1,7 +1,7 @@
 """Load a config: defaults <- ``_BASE_`` chain of YAML files <- command-line ``KEY VALUE`` pairs.
 
-Merging is yacs'; this module resolves ``_BASE_`` files (relative paths, any depth, cycles detected) and
-turns every mistake into one error that names the file, the key and what was expected.
+Merging is yacs'; this module resolves ``_BASE_`` files (relative paths, any depth, cycles
+detected) and turns every mistake into one error that names the file, the key and what was expected.
 """
 
 from __future__ import annotations
@@ -143,7 +143,8 @@ def load_cfg(
     config_files: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     opts: Sequence[str] = (),
 ) -> CN:
-    """Defaults, then the YAML chain of each config file in order, then ``opts``; validated and frozen.
+    """Defaults, then the YAML chain of each config file in order, then ``opts``; validated and
+    frozen.
 
     Several files compose, e.g. a paper-table row followed by configs/demo/scale.yaml to shrink it.
     """
@@ -159,7 +160,9 @@ def load_cfg(
 
 
 def cfg_from_dump(text: str) -> CN:
-    """Rebuild a frozen config from a YAML dump (as stored in checkpoints), checked against the defaults."""
+    """Rebuild a frozen config from a YAML dump (as stored in checkpoints), checked against the
+    defaults.
+    """
     cfg = get_cfg()
     _merge(cfg, yaml.safe_load(text) or {}, "stored config")
     cfg.freeze()

@@ -1,8 +1,9 @@
 """ResNet backbones (torchvision implementation) exposing named stage outputs.
 
-Feature names follow detectron2: ``res2``..``res5`` are the outputs of torchvision's ``layer1``..``layer4``
-(pycls ``s1``..``s4``), and ``res4_prerelu`` is the output of the last block of ``layer3`` *before* its final
-ReLU, the dense feature CVNet-Rerank correlates (spec/cvnet.md §3.1).
+Feature names follow detectron2: ``res2``..``res5`` are the outputs of torchvision's
+``layer1``..``layer4`` (pycls ``s1``..``s4``), and ``res4_prerelu`` is the output of the last
+block of ``layer3`` *before* its final ReLU, the dense feature CVNet-Rerank correlates
+(spec/cvnet.md §3.1).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class ShapeSpec:
 
 
 def _block_forward_prerelu(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run a torchvision Basic/Bottleneck block and return the residual sum before the final ReLU."""
+    """Run a torchvision Basic/Bottleneck block; return the residual sum before the final ReLU."""
     identity = x if block.downsample is None else block.downsample(x)
     out = block.relu(block.bn1(block.conv1(x)))
     if isinstance(block, tv_resnet.Bottleneck):

@@ -44,7 +44,8 @@ def count_parameters(state: Mapping[str, torch.Tensor]) -> int:
 
 
 def model_overrides(state: Mapping[str, torch.Tensor], arch: str) -> list[str]:
-    """Config overrides (KEY VALUE ...) that build the model of a checkpoint without a stored config.
+    """Config overrides (KEY VALUE ...) that build the model of a checkpoint without a stored
+    config.
 
     ``state`` uses our naming; depth and whether GeM p is a parameter are read off the keys.
     """

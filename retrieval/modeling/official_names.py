@@ -1,8 +1,8 @@
 """One explicit rename table between our module names and the official pycls-style checkpoint names.
 
 Ours: torchvision ResNet names under ``backbone.`` (``layer3.5.bn2``), readable SSM/re-rank names.
-Official (spec/cvnet.md §4, spec/senet.md §2.5): ``stem.conv``, ``s3.b6.f.b_bn``, ``SSM.SSE.conv_in``,
-``conv2ds``; CVNet keys carry the ``encoder_q.`` prefix, SENet keys none.
+Official (spec/cvnet.md §4, spec/senet.md §2.5): ``stem.conv``, ``s3.b6.f.b_bn``,
+``SSM.SSE.conv_in``, ``conv2ds``; CVNet keys carry the ``encoder_q.`` prefix, SENet keys none.
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ _OFFICIAL_BLOCK_CHILD = re.compile(r"(^|\.)s\d\.b\d+\.(proj|bn)\.")
 
 
 def _swap_prefix(key: str, pairs: tuple[tuple[str, str], ...], reverse: bool) -> str | None:
-    """Replace the first matching prefix of ``key`` using (ours, official) pairs; None if none match."""
+    """Replace the first matching prefix of ``key`` using (ours, official) pairs; None if none
+    match.
+    """
     for ours, official in pairs:
         src, dst = (official, ours) if reverse else (ours, official)
         if key.startswith(src):
@@ -108,7 +110,7 @@ def from_official_key(key: str, arch: str) -> str:
 
 
 def _official_order(keys: list[str]) -> list[str]:
-    """pycls blocks register the shortcut (proj, bn) before the main path f: keep that module order."""
+    """pycls blocks register the shortcut (proj, bn) before the main path f: keep that order."""
     group_of = {}
     for key in keys:
         group_of.setdefault(_block_group(key), len(group_of))

@@ -8,7 +8,10 @@ from torch import nn
 
 
 class GeM(nn.Module):
-    """GeM(x) = (mean_hw clamp(x, eps)^p)^(1/p) per channel; p learnable (CVNet) or fixed (SENet)."""
+    """GeM(x) = (mean_hw clamp(x, eps)^p)^(1/p) per channel.
+
+    p is learnable (CVNet) or fixed (SENet).
+    """
 
     def __init__(self, p: float = 3.0, trainable: bool = True, eps: float = 1e-6) -> None:
         super().__init__()

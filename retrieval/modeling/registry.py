@@ -1,4 +1,4 @@
-"""Registry of model architectures: ``MODEL.ARCH`` -> builder function ``build(cfg) -> nn.Module``."""
+"""Registry of model architectures: ``MODEL.ARCH`` -> builder ``build(cfg) -> nn.Module``."""
 
 from __future__ import annotations
 
