@@ -8,7 +8,6 @@ markdown table and writes results.json / results.md into OUTPUT_DIR.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from retrieval.checkpoint import (  # noqa: E402
     load_checkpoint,
     load_model_weights,
 )
-from retrieval.cli import run_cli  # noqa: E402
+from retrieval.cli import config_parser, run_cli  # noqa: E402
 from retrieval.config import cfg_from_dump, load_cfg  # noqa: E402
 from retrieval.evaluation.evaluator import evaluate  # noqa: E402
 from retrieval.evaluation.report import format_markdown  # noqa: E402
@@ -31,21 +30,15 @@ from retrieval.modeling.official_names import from_official, looks_official  # n
 from retrieval.modeling.registry import build_model  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """--config, --weights and trailing KEY VALUE overrides."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--config",
-        default=None,
-        help="YAML config (data, TEST.*; the model if the checkpoint has none)",
-    )
+def eval_parser(doc: str | None):
+    """--config (repeatable), --weights and trailing KEY VALUE overrides."""
+    parser = config_parser(doc)
     parser.add_argument(
         "--weights",
         default="",
         help="checkpoint to evaluate (ours or official); default MODEL.WEIGHTS",
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
-    return parser.parse_args(argv)
+    return parser
 
 
 def cfg_for_weights(cfg, weights: str, arch: str):
@@ -68,7 +61,7 @@ def cfg_for_weights(cfg, weights: str, arch: str):
     return cfg
 
 
-def resolve_cfg(config: str | None, weights: str, opts: list[str]):
+def resolve_cfg(config: list[str], weights: str, opts: list[str]):
     """--config + overrides; MODEL replaced by the one the checkpoint was built with."""
     cfg = load_cfg(config, opts)
     weights = weights or cfg.MODEL.WEIGHTS
@@ -104,7 +97,7 @@ def build_models(cfg) -> tuple[nn.Module, nn.Module | None]:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse, build, load, evaluate, print the table."""
-    args = parse_args(argv)
+    args = eval_parser(__doc__).parse_args(argv)
     cfg = resolve_cfg(args.config, args.weights, args.opts)
     model, rerank_model = build_models(cfg)
     results = evaluate(cfg, model, rerank_model, cfg.OUTPUT_DIR)

@@ -9,30 +9,24 @@ TEST.CACHE_FEATURES).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.evaluation.evaluator import extract_split  # noqa: E402
-from tools.eval import build_models, resolve_cfg  # noqa: E402
+from tools.eval import build_models, eval_parser, resolve_cfg  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
     """Parse, build, load, extract; prints and returns the feature file path."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML config")
-    parser.add_argument(
-        "--weights", default="", help="checkpoint (ours or official); default MODEL.WEIGHTS"
-    )
+    parser = eval_parser(__doc__)
     parser.add_argument(
         "--dataset", required=True, help="roxford5k, rparis6k, revisitop1m, gldv2, ..."
     )
     parser.add_argument(
         "--split", required=True, help="query|db (revisitop), db (revisitop1m), test|index (gldv2)"
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
     args = parser.parse_args(argv)
     cfg = resolve_cfg(args.config, args.weights, args.opts)
     model, _ = build_models(cfg)

@@ -12,7 +12,6 @@ continues where it stopped (progress in <PAIRS_CSV>.progress/).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,8 +23,7 @@ sys.path.insert(
 
 from cvnet.pair_selection import PairVerifier, SelectionSettings, select_pairs  # noqa: E402
 from retrieval.checkpoint import load_model_weights  # noqa: E402
-from retrieval.cli import run_cli  # noqa: E402
-from retrieval.config import load_cfg  # noqa: E402
+from retrieval.cli import config_parser, parse_config, run_cli  # noqa: E402
 from retrieval.data.gldv2 import image_path, read_train_csv  # noqa: E402
 from retrieval.data.image_io import read_image  # noqa: E402
 from retrieval.data.revisitop import ImageListDataset  # noqa: E402
@@ -87,13 +85,7 @@ def gv_key(cfg, fingerprint: str, list_sha1: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse --config and overrides, extract global descriptors, select pairs, print the summary."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", default=None, help="YAML config file (with _BASE_ inheritance)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
-    args = parser.parse_args(argv)
-    cfg = load_cfg(args.config, args.opts)
+    _, cfg = parse_config(config_parser(__doc__), argv)
     root, device, tic = Path(cfg.DATA.ROOT), resolve_device(cfg.DEVICE), time.perf_counter()
     train_list = read_train_csv(root / cfg.TRAIN.CSV)
     paths = [image_path(root / cfg.TRAIN.IMAGE_DIR, i) for i in train_list.image_ids]

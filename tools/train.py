@@ -6,7 +6,6 @@ cvnet_rerank -> the re-ranker task (rerank_task).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ sys.path.insert(
     0, str(Path(__file__).resolve().parents[1])
 )  # run from a checkout without installing
 
-from retrieval.config import load_cfg  # noqa: E402
+from retrieval.cli import config_parser, parse_config, run_cli  # noqa: E402
 from retrieval.engine.resume import seed_everything  # noqa: E402
 from retrieval.engine.trainer import TrainTask, train  # noqa: E402
 
@@ -47,13 +46,7 @@ def build_task(cfg) -> TrainTask:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse --config and overrides, build the task and train."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", default=None, help="YAML config file (with _BASE_ inheritance)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
-    args = parser.parse_args(argv)
-    cfg = load_cfg(args.config, args.opts)
+    _, cfg = parse_config(config_parser(__doc__), argv)
     seed_everything(
         cfg.SEED, cfg.DETERMINISTIC
     )  # the same initial weights on every rank and in every run
@@ -61,4 +54,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -59,31 +59,28 @@ def _swap_prefix(key: str, pairs: tuple[tuple[str, str], ...], reverse: bool) ->
     return None
 
 
-def _module_to_official(key: str) -> str:
-    """Rename one key relative to its model scope, ours -> official."""
-    match = _OURS_BLOCK.match(key)
-    if match:
-        stage, index, rest = match.groups()
-        child = _swap_prefix(rest, tuple((o + ".", p + ".") for o, p in BLOCK_CHILDREN), False)
-        if child is not None:
-            return f"s{stage}.b{int(index) + 1}.{child}"
-    renamed = _swap_prefix(key, MODULE_PREFIXES, reverse=False)
-    if renamed is None:
-        raise KeyError(f"no official name for our key {key!r}")
-    return renamed
+# Residual block keys per naming: regex capturing (stage, block index, child), the formatter of
+# the other naming's block prefix, and the block-index shift (torchvision counts from 0, pycls from 1).
+_BLOCK_RULES = {
+    False: (_OURS_BLOCK, "s{stage}.b{index}.", 1),
+    True: (_OFFICIAL_BLOCK, "backbone.layer{stage}.{index}.", -1),
+}
+_BLOCK_CHILD_PAIRS = tuple((ours + ".", official + ".") for ours, official in BLOCK_CHILDREN)
 
 
-def _module_from_official(key: str) -> str:
-    """Rename one key relative to its model scope, official -> ours."""
-    match = _OFFICIAL_BLOCK.match(key)
+def _rename_module(key: str, reverse: bool) -> str:
+    """Rename one key relative to its model scope: ours -> official, or back when ``reverse``."""
+    pattern, prefix, shift = _BLOCK_RULES[reverse]
+    match = pattern.match(key)
     if match:
         stage, index, rest = match.groups()
-        child = _swap_prefix(rest, tuple((o + ".", p + ".") for o, p in BLOCK_CHILDREN), True)
+        child = _swap_prefix(rest, _BLOCK_CHILD_PAIRS, reverse)
         if child is not None:
-            return f"backbone.layer{stage}.{int(index) - 1}.{child}"
-    renamed = _swap_prefix(key, MODULE_PREFIXES, reverse=True)
+            return prefix.format(stage=stage, index=int(index) + shift) + child
+    renamed = _swap_prefix(key, MODULE_PREFIXES, reverse)
     if renamed is None:
-        raise KeyError(f"official key {key!r} has no counterpart in our models")
+        side = "official key" if reverse else "our key"
+        raise KeyError(f"{side} {key!r} has no counterpart in the other naming")
     return renamed
 
 
@@ -97,7 +94,7 @@ def to_official_key(key: str, arch: str) -> str:
     """Our state_dict key -> the official checkpoint key for ``arch``."""
     for ours, official in _scopes(arch):
         if key.startswith(ours):
-            return official + _module_to_official(key[len(ours) :])
+            return official + _rename_module(key[len(ours) :], reverse=False)
     raise KeyError(f"key {key!r} is outside every scope of {arch}")
 
 
@@ -105,7 +102,7 @@ def from_official_key(key: str, arch: str) -> str:
     """Official checkpoint key for ``arch`` -> our state_dict key."""
     for ours, official in _scopes(arch):
         if key.startswith(official):
-            return ours + _module_from_official(key[len(official) :])
+            return ours + _rename_module(key[len(official) :], reverse=True)
     raise KeyError(f"official key {key!r} does not start with any {arch} prefix")
 
 
