@@ -60,7 +60,7 @@ def _swap_prefix(key: str, pairs: tuple[tuple[str, str], ...], reverse: bool) ->
 
 
 # Residual block keys per naming: regex capturing (stage, block index, child), the formatter of
-# the other naming's block prefix, and the block-index shift (torchvision counts from 0, pycls from 1).
+# the other naming's block prefix, and the index shift (torchvision counts from 0, pycls from 1).
 _BLOCK_RULES = {
     False: (_OURS_BLOCK, "s{stage}.b{index}.", 1),
     True: (_OFFICIAL_BLOCK, "backbone.layer{stage}.{index}.", -1),
