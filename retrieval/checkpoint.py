@@ -95,8 +95,9 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
     model.load_state_dict(state, strict=False)
 
 
-def load_model_weights(model: nn.Module, path: str | os.PathLike, arch: str) -> dict[str, Any]:
-    """Load our or an official checkpoint into ``model`` strictly; returns the checkpoint object."""
+def read_model_state(path: str | os.PathLike, arch: str) -> tuple[dict[str, Any], dict]:
+    """(checkpoint object, its model state dict in our names): ours as stored, an official
+    ``arch`` checkpoint converted."""
     obj = load_checkpoint(path)
     state = extract_state_dict(obj)
     if looks_official(state):
@@ -104,5 +105,11 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, arch: str) -> 
             state = from_official(state, arch)
         except KeyError as err:
             raise CheckpointError(f"{path}: not an official {arch} checkpoint: {err}") from None
+    return obj, state
+
+
+def load_model_weights(model: nn.Module, path: str | os.PathLike, arch: str) -> dict[str, Any]:
+    """Load our or an official checkpoint into ``model`` strictly; returns the checkpoint object."""
+    obj, state = read_model_state(path, arch)
     load_state_strict(model, state, f"checkpoint {str(path)!r}")
     return obj

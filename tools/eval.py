@@ -15,18 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from yacs.config import CfgNode  # noqa: E402
 
-from retrieval.checkpoint import (  # noqa: E402
-    extract_state_dict,
-    load_checkpoint,
-    load_model_weights,
-)
+from retrieval.checkpoint import load_state_strict, read_model_state  # noqa: E402
 from retrieval.cli import config_parser, run_cli  # noqa: E402
 from retrieval.config import cfg_from_dump, load_cfg  # noqa: E402
 from retrieval.evaluation.evaluator import evaluate  # noqa: E402
 from retrieval.evaluation.report import format_markdown  # noqa: E402
 from retrieval.modeling.inspect import model_overrides  # noqa: E402
-from retrieval.modeling.official_names import from_official, looks_official  # noqa: E402
 from retrieval.modeling.registry import build_model  # noqa: E402
 
 
@@ -41,65 +37,57 @@ def eval_parser(doc: str | None):
     return parser
 
 
-def cfg_for_weights(cfg, weights: str, arch: str):
-    """``cfg`` with the MODEL section that built ``weights``: the stored config of our checkpoints;
-    for official files (no config) ``arch`` with the depth and GeM kind read off their keys."""
+def model_from_checkpoint(cfg, weights: str, arch: str) -> tuple[CfgNode, nn.Module]:
+    """(cfg with the MODEL section that built ``weights``, the model loaded from it), reading the
+    file once. Our checkpoints store their config; official files (none stored) give ``arch`` with
+    the depth and GeM kind read off their keys."""
+    obj, state = read_model_state(weights, arch)
     cfg = cfg.clone()
     cfg.defrost()
-    obj = load_checkpoint(weights)
     if isinstance(obj.get("config"), str):
         cfg.MODEL = cfg_from_dump(obj["config"]).MODEL.clone()
         cfg.defrost()  # the stored node arrives frozen
         print(f"model rebuilt from the config stored in {weights}", file=sys.stderr)
     else:
-        state = extract_state_dict(obj)
-        state = from_official(state, arch) if looks_official(state) else state
         cfg.merge_from_list(model_overrides(state, arch))
     cfg.MODEL.WEIGHTS = weights
     cfg.MODEL.PRETRAINED = ""  # the checkpoint holds every weight; an ImageNet file may not exist
     cfg.freeze()
-    return cfg
+    model = build_model(cfg)
+    load_state_strict(model, state, f"checkpoint {weights!r}")
+    return cfg, model
 
 
-def resolve_cfg(config: list[str], weights: str, opts: list[str]):
-    """--config + overrides; MODEL replaced by the one the checkpoint was built with."""
+def load_models(
+    config: list[str], weights: str, opts: list[str], with_rerank: bool = True
+) -> tuple[CfgNode, nn.Module, nn.Module | None]:
+    """(resolved cfg, global model, re-rank model or None) of --config, --weights and overrides;
+    MODEL is the one the checkpoint was built with, and a cvnet_rerank model provides both.
+    ``with_rerank=False`` skips TEST.RERANK_WEIGHTS (feature extraction needs no re-ranker)."""
     cfg = load_cfg(config, opts)
     weights = weights or cfg.MODEL.WEIGHTS
-    return cfg_for_weights(cfg, weights, cfg.MODEL.ARCH) if weights else cfg
-
-
-def load_rerank_model(cfg) -> nn.Module | None:
-    """The CVNet-Rerank model of TEST.RERANK_WEIGHTS, rebuilt as trained (None when unset)."""
-    if not cfg.TEST.RERANK_WEIGHTS:
-        return None
-    rerank_cfg = cfg_for_weights(cfg, cfg.TEST.RERANK_WEIGHTS, "cvnet_rerank")
-    model = build_model(rerank_cfg)
-    load_model_weights(model, cfg.TEST.RERANK_WEIGHTS, "cvnet_rerank")
-    return model
-
-
-def build_models(cfg) -> tuple[nn.Module, nn.Module | None]:
-    """(global model, re-rank model or None); a cvnet_rerank model provides both."""
     # seeded so that a random-init evaluation is reproducible (and its feature cache reusable)
     torch.manual_seed(cfg.SEED)
-    model = build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        load_model_weights(model, cfg.MODEL.WEIGHTS, cfg.MODEL.ARCH)
+    if weights:
+        cfg, model = model_from_checkpoint(cfg, weights, cfg.MODEL.ARCH)
     else:
         print(
             "no --weights and no MODEL.WEIGHTS: evaluating randomly initialised weights",
             file=sys.stderr,
         )
+        model = build_model(cfg)
+    rerank_model = None
+    if with_rerank and cfg.TEST.RERANK_WEIGHTS:
+        rerank_model = model_from_checkpoint(cfg, cfg.TEST.RERANK_WEIGHTS, "cvnet_rerank")[1]
     if cfg.MODEL.ARCH == "cvnet_rerank":
-        return model.encoder, load_rerank_model(cfg) or model
-    return model, load_rerank_model(cfg)
+        return cfg, model.encoder, rerank_model or model
+    return cfg, model, rerank_model
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse, build, load, evaluate, print the table."""
     args = eval_parser(__doc__).parse_args(argv)
-    cfg = resolve_cfg(args.config, args.weights, args.opts)
-    model, rerank_model = build_models(cfg)
+    cfg, model, rerank_model = load_models(args.config, args.weights, args.opts)
     results = evaluate(cfg, model, rerank_model, cfg.OUTPUT_DIR)
     print(format_markdown(results))
     return results

@@ -14,8 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from retrieval.cli import run_cli  # noqa: E402
 from retrieval.evaluation.evaluator import extract_split  # noqa: E402
-from tools.eval import build_models, eval_parser, resolve_cfg  # noqa: E402
+from tools.eval import eval_parser, load_models  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -28,8 +29,7 @@ def main(argv: list[str] | None = None) -> Path:
         "--split", required=True, help="query|db (revisitop), db (revisitop1m), test|index (gldv2)"
     )
     args = parser.parse_args(argv)
-    cfg = resolve_cfg(args.config, args.weights, args.opts)
-    model, _ = build_models(cfg)
+    cfg, model, _ = load_models(args.config, args.weights, args.opts, with_rerank=False)
     features = extract_split(cfg, model, args.dataset, args.split)
     path = Path(cfg.OUTPUT_DIR) / "features" / f"{args.dataset}_{args.split}.npy"
     print(
@@ -40,4 +40,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
