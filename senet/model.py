@@ -45,6 +45,7 @@ def build_ssm(cfg: CfgNode, in_dim: int) -> SSM:
         self_similarity=ssm_cfg.SELF_SIMILARITY,
         similarity=ssm_cfg.SIM,
         fusion=ssm_cfg.FUSION,
+        init=ssm_cfg.INIT,
     )
 
 

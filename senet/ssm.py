@@ -90,6 +90,7 @@ class SSM(nn.Module):
         self_similarity: str = "channelwise",
         similarity: str = "cosine",
         fusion: str = "sum",
+        init: str = "pycls",
     ) -> None:
         super().__init__()
         check_size("in_dim", in_dim)
@@ -111,16 +112,8 @@ class SSM(nn.Module):
         )
         self.out_channels = in_dim
         self.fusion = fusion
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """pycls init (spec §2.6): Conv2d weights N(0, sqrt(2 / fan_out)), the rest PyTorch's."""
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.BatchNorm2d, nn.BatchNorm3d)):
-                module.reset_parameters()
-            if isinstance(module, nn.Conv2d):
-                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-                nn.init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
+        self.init = init
+        resolve_choice("init", init, INITS)(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_dim, H, W) -> FFN(fuse(x, E)) of shape (B, in_dim, H, W)."""
@@ -128,4 +121,35 @@ class SSM(nn.Module):
         return self.ffn(self.fuse(x, structure))  # no residual around the FFN (spec §7.6)
 
     def extra_repr(self) -> str:
-        return f"fusion={self.fusion}"
+        return f"fusion={self.fusion}, init={self.init}"
+
+
+def init_pycls(ssm: SSM) -> None:
+    """pycls init (spec §2.6): Conv2d weights N(0, sqrt(2 / fan_out)), the rest PyTorch's."""
+    for module in ssm.modules():
+        if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            module.reset_parameters()
+        if isinstance(module, nn.Conv2d):
+            fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+            nn.init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
+
+
+@torch.no_grad()
+def init_identity(ssm: SSM) -> None:
+    """pycls init, then the SSM made the identity on its (post-ReLU, non-negative) input, so a
+    network inserting it after a trained backbone starts as backbone + GeM + FC. Both FFN convs
+    pass x through (weights [I | 0], zero bias; ReLU(x) = x for x >= 0). Sum fusion also zeroes the
+    BN scale ending the structure branch (x + E = x); concat fusion leaves E alive but unweighted,
+    so the zero block of the first FFN conv still gets a gradient (grad · E)."""
+    init_pycls(ssm)
+    if ssm.fusion == "sum":
+        nn.init.zeros_(ssm.encoder.project[1].weight)
+    for conv in (ssm.ffn[0], ssm.ffn[2]):
+        out_dim, in_dim = conv.weight.shape[:2]
+        conv.weight.zero_()
+        conv.weight[:, :, 0, 0] = torch.eye(out_dim, in_dim)
+        conv.bias.zero_()
+
+
+# value of MODEL.SSM.INIT -> initialiser
+INITS: dict[str, Callable[[SSM], None]] = {"pycls": init_pycls, "identity": init_identity}

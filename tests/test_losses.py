@@ -17,6 +17,7 @@ from retrieval.losses import (
     EMPTY_LABEL,
     CurricularFace,
     MomentumContrastiveLoss,
+    SoftmaxClassifierLoss,
     SupConLoss,
     momentum_copy,
     momentum_update,
@@ -154,13 +155,29 @@ def test_curricularface_autocast_computes_in_fp32():
 
 
 @pytest.mark.parametrize("bad", [6, 17, -1])
-def test_curricularface_rejects_bad_labels(bad):
-    crit = CurricularFace(4, 6)
+@pytest.mark.parametrize("loss", [CurricularFace, SoftmaxClassifierLoss])
+def test_classification_losses_reject_bad_labels(loss, bad):
+    crit = loss(4, 6)
     labels = torch.tensor([0, bad, 2])
     with pytest.raises(ValueError, match=rf"label {bad} .*num_classes=6"):
         crit(torch.randn(3, 4), labels)
     with pytest.raises(ValueError, match="embeddings of shape"):
         crit(torch.randn(3, 5), torch.tensor([0, 1, 2]))
+
+
+def test_softmax_loss_matches_linear_cross_entropy_with_smoothing():
+    torch.manual_seed(0)
+    crit = SoftmaxClassifierLoss(8, 5, scale=10.0, label_smoothing=0.1)
+    emb, labels = torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 4, 0])
+    logits = 10.0 * F.normalize(emb, dim=1) @ crit.classifier.weight.T + crit.classifier.bias
+    probs = logits.log_softmax(1)
+    target = torch.full((6, 5), 0.1 / 5).scatter(1, labels[:, None], 0.9 + 0.1 / 5)
+    assert crit(emb, labels).item() == pytest.approx(-(target * probs).sum(1).mean().item(), 1e-6)
+    emb.requires_grad_(True)
+    crit(emb, labels).backward()
+    assert emb.grad.abs().sum() > 0 and crit.classifier.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="label_smoothing"):
+        SoftmaxClassifierLoss(8, 5, label_smoothing=1.0)
 
 
 # ----------------------------------------------------------------------------- contrastive

@@ -239,7 +239,7 @@ def test_state_dict_matches_official_keys_and_shapes():
     assert sum(p.numel() for p in module.parameters()) == 11_219_200  # spec §2.5
 
 
-def test_reset_parameters_follows_pycls_init():
+def test_default_init_follows_pycls():
     torch.manual_seed(0)
     module = SSM(256, 64)
     std = module.ffn[2].weight.std().item()
@@ -250,6 +250,21 @@ def test_reset_parameters_follows_pycls_init():
     assert torch.equal(bn.weight, torch.ones(256)) and torch.equal(bn.bias, torch.zeros(256))
 
 
+@pytest.mark.parametrize("fusion", ["sum", "concat"])
+def test_identity_init_passes_non_negative_input_through(fusion):
+    torch.manual_seed(0)
+    module = SSM(32, 8, fusion=fusion, init="identity").eval()
+    x = torch.rand(2, 32, 5, 6)  # post-ReLU feature map
+    assert torch.allclose(module(x), x, atol=1e-6)
+    # ... and still trains: the structure branch's parameters get a gradient from the start
+    module.train()
+    module(x).pow(2).sum().backward()
+    if fusion == "sum":  # through the zeroed BN scale ending the branch
+        assert module.encoder.project[1].weight.grad.abs().sum() > 0
+    else:  # through the zero block of the first FFN conv that will weigh E
+        assert module.ffn[0].weight.grad[:, 32:].abs().sum() > 0
+
+
 # -------------------------------------------------- bad values
 @pytest.mark.parametrize(
     "kwargs,words",
@@ -258,6 +273,7 @@ def test_reset_parameters_follows_pycls_init():
         ({"similarity": "l1"}, ["similarity", "cosine", "dot"]),
         ({"fusion": "add"}, ["fusion", "concat", "sum"]),
         ({"fusion": None}, ["fusion", "concat", "sum"]),
+        ({"init": "zeros"}, ["init", "identity", "pycls"]),
         ({"unfold_size": 6}, ["unfold_size", "odd"]),
         ({"unfold_size": 1}, ["unfold_size", ">= 3"]),
         ({"kernel_size": 4}, ["kernel_size", "odd"]),

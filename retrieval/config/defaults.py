@@ -71,6 +71,8 @@ _C.MODEL.SSM.MID_DIM = 256
 _C.MODEL.SSM.UNFOLD_SIZE = 7
 # Kernel size of the valid convolutions that encode the window (odd).
 _C.MODEL.SSM.KERNEL_SIZE = 3
+# Training init of the SSM: pycls (official init_weights) or identity (starts as the identity map).
+_choice(_C.MODEL.SSM, "MODEL.SSM", "INIT", "pycls", ("pycls", "identity"))
 
 # CVNet-Rerank (spec/cvnet.md §3, CVNet supp. Tab. S3-S7, S12).
 _C.MODEL.RERANK = CN()
@@ -150,12 +152,14 @@ _C.TRAIN.AUG.HFLIP = 0.5
 
 # ----------------------------------------------------------------------------------------- losses
 _C.LOSS = CN()
-# Classification loss L_cls.
-_choice(_C.LOSS, "LOSS", "CLS", "curricularface", ("curricularface", "none"))
+# Classification loss L_cls: CurricularFace (papers), plain linear softmax (margin-free) or none.
+_choice(_C.LOSS, "LOSS", "CLS", "curricularface", ("curricularface", "softmax", "none"))
 # Angular margin m of CurricularFace.
 _C.LOSS.CLS_MARGIN = 0.15
-# Logit scale s of CurricularFace.
+# Logit scale s: CurricularFace's, or the factor on the normalised descriptor for softmax.
 _C.LOSS.CLS_SCALE = 30.0
+# Label smoothing of the softmax classification loss.
+_C.LOSS.LABEL_SMOOTHING = 0.0
 # Weight of L_cls in the total loss.
 _C.LOSS.CLS_WEIGHT = 0.5
 # Contrastive loss L_con: momentum contrastive (CVNet supp. Eq. S3), SupCon (Eq. S2) or none.

@@ -24,6 +24,7 @@ from retrieval.engine.trainer import TrainTask
 from retrieval.losses import (
     CurricularFace,
     MomentumContrastiveLoss,
+    SoftmaxClassifierLoss,
     SupConLoss,
     momentum_copy,
     momentum_update,
@@ -74,10 +75,13 @@ class GlobalTrainModule(nn.Module):
 
 
 def build_cls_loss(cfg: CfgNode, dim: int, num_classes: int) -> nn.Module | None:
-    """CurricularFace from LOSS.CLS_* (None when LOSS.CLS is 'none')."""
-    if cfg.LOSS.CLS == "none":
+    """CurricularFace or the softmax classifier from LOSS.CLS_* (None when LOSS.CLS is 'none')."""
+    loss = cfg.LOSS
+    if loss.CLS == "none":
         return None
-    return CurricularFace(dim, num_classes, margin=cfg.LOSS.CLS_MARGIN, scale=cfg.LOSS.CLS_SCALE)
+    if loss.CLS == "softmax":
+        return SoftmaxClassifierLoss(dim, num_classes, loss.CLS_SCALE, loss.LABEL_SMOOTHING)
+    return CurricularFace(dim, num_classes, margin=loss.CLS_MARGIN, scale=loss.CLS_SCALE)
 
 
 def build_con_loss(cfg: CfgNode, dim: int) -> nn.Module | None:

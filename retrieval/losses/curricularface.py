@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval.engine.distributed import all_gather_tensor
+from retrieval.losses.checks import check_class_inputs
 
 # Keeps sqrt(1 − cos²) differentiable when an embedding coincides with its class weight.
 _SIN_EPS = 1e-12
@@ -66,7 +67,9 @@ class CurricularFace(nn.Module):
 
     def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B, d), (B,) -> (B, num_classes) scaled curricular logits; updates t in training mode."""
-        self._check_inputs(embeddings, labels)
+        check_class_inputs(
+            "CurricularFace", embeddings, labels, self.weight.shape[1], self.num_classes
+        )
         labels = labels.long()[:, None]  # (B, 1)
         # fp32 even under autocast: s = 64 turns half-precision cosine errors into large errors.
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
@@ -90,27 +93,6 @@ class CurricularFace(nn.Module):
         """EMA step of the curriculum parameter t from the process-averaged mean positive cosine."""
         batch_mean = torch.stack(all_gather_tensor(cos_y.detach().mean())).mean()  # over ranks
         self.t.mul_(1.0 - self.t_momentum).add_(self.t_momentum * batch_mean)
-
-    def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Raise a clear error for bad shapes, non-integer labels or labels outside [0, C)."""
-        dim = self.weight.shape[1]
-        if embeddings.dim() != 2 or embeddings.shape[1] != dim:
-            raise ValueError(
-                f"CurricularFace: embeddings of shape {tuple(embeddings.shape)}, "
-                f"expected (B, {dim})"
-            )
-        if labels.shape != embeddings.shape[:1] or labels.is_floating_point():
-            raise ValueError(
-                "CurricularFace: labels must be an integer tensor of shape "
-                f"({embeddings.shape[0]},), got {labels.dtype} of shape {tuple(labels.shape)}"
-            )
-        low, high = labels.aminmax()
-        if low < 0 or high >= self.num_classes:
-            bad = int(low) if low < 0 else int(high)
-            raise ValueError(
-                f"CurricularFace: label {bad} is outside [0, num_classes) with "
-                f"num_classes={self.num_classes}"
-            )
 
     def extra_repr(self) -> str:
         return (

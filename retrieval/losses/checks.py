@@ -1,0 +1,26 @@
+"""Input checks shared by the classification losses."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_class_inputs(
+    loss: str, embeddings: torch.Tensor, labels: torch.Tensor, dim: int, num_classes: int
+) -> None:
+    """Raise a clear error for bad shapes, non-integer labels or labels outside [0, C)."""
+    if embeddings.dim() != 2 or embeddings.shape[1] != dim:
+        raise ValueError(
+            f"{loss}: embeddings of shape {tuple(embeddings.shape)}, expected (B, {dim})"
+        )
+    if labels.shape != embeddings.shape[:1] or labels.is_floating_point():
+        raise ValueError(
+            f"{loss}: labels must be an integer tensor of shape ({embeddings.shape[0]},), "
+            f"got {labels.dtype} of shape {tuple(labels.shape)}"
+        )
+    low, high = labels.aminmax()
+    if low < 0 or high >= num_classes:
+        bad = int(low) if low < 0 else int(high)
+        raise ValueError(
+            f"{loss}: label {bad} is outside [0, num_classes) with num_classes={num_classes}"
+        )
