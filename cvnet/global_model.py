@@ -31,8 +31,10 @@ class CVNetGlobal(nn.Module):
 
 
 def build_global_head(cfg: CfgNode, in_dim: int, p_trainable: bool) -> GlobalHead:
-    """GeM + FC head from MODEL.GEM_P / MODEL.REDUCTION_DIM."""
-    return GlobalHead(in_dim, cfg.MODEL.REDUCTION_DIM, p=cfg.MODEL.GEM_P, p_trainable=p_trainable)
+    """GeM + FC head from MODEL.GEM_P / MODEL.REDUCTION_DIM / MODEL.FC_INIT."""
+    return GlobalHead(
+        in_dim, cfg.MODEL.REDUCTION_DIM, cfg.MODEL.GEM_P, p_trainable, cfg.MODEL.FC_INIT
+    )
 
 
 @register_model("cvnet_global")

@@ -8,6 +8,7 @@ from torchvision.models import resnet18, resnet50
 
 from retrieval.checkpoint import CheckpointError, save_checkpoint
 from retrieval.modeling.backbone import RESNET_SPECS, ResNetBackbone
+from retrieval.modeling.head import GlobalHead
 from retrieval.modeling.official_names import to_official
 from retrieval.modeling.pooling import GeM
 from retrieval.modeling.pretrained import load_pretrained_backbone
@@ -62,6 +63,16 @@ def test_gem_matches_definition_and_fixed_p_has_no_key():
     assert torch.allclose(gem(x), expected, atol=1e-6)
     assert list(gem.state_dict()) == ["p"]
     assert list(GeM(trainable=False).state_dict()) == []
+
+
+def test_identity_fc_init_keeps_the_gem_vector():
+    x = torch.rand(2, 16, 3, 4)
+    head = GlobalHead(16, 16, p=3.0, p_trainable=False, fc_init="identity")
+    assert torch.allclose(head(x), GeM(3.0, trainable=False)(x), atol=1e-7)
+    with pytest.raises(ValueError, match="REDUCTION_DIM"):
+        GlobalHead(16, 8, fc_init="identity")
+    with pytest.raises(ValueError, match="allowed values"):
+        GlobalHead(16, 16, fc_init="eye")
 
 
 def test_pretrained_torchvision_and_pycls(tmp_path):

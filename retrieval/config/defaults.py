@@ -52,6 +52,8 @@ _C.MODEL.PRETRAINED = ""
 _choice(_C.MODEL, "MODEL", "PRETRAINED_FORMAT", "pycls", ("pycls", "torchvision"))
 # Output dimension of the global FC ("whitening") layer.
 _C.MODEL.REDUCTION_DIM = 2048
+# Training init of the descriptor FC: default (PyTorch) or identity (REDUCTION_DIM = channels).
+_choice(_C.MODEL, "MODEL", "FC_INIT", "default", ("default", "identity"))
 # Initial (or fixed) GeM exponent.
 _C.MODEL.GEM_P = 3.0
 # Learn the GeM exponent (CVNet-Global: True, a checkpoint key) or fix it (SENet: False, no key).
