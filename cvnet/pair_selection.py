@@ -24,6 +24,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -97,16 +98,19 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 class ChunkStore:
     """The progress folder: finished chunks with raw inlier counts, guarded by a metadata key."""
 
-    def __init__(self, folder: Path, key: dict) -> None:
+    def __init__(self, folder: Path, key: dict, restart: bool = False) -> None:
         self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
         meta = folder / "meta.json"
         key = json.loads(json.dumps(key))
         if meta.is_file() and json.loads(meta.read_text()) != key:
-            raise ValueError(
-                f"{folder} holds progress of a selection with other inputs or settings "
-                f"({meta}); delete the folder to start over"
-            )
+            if not restart:
+                raise ValueError(
+                    f"{folder} holds progress of a selection with other inputs or settings "
+                    f"({meta}); run with --restart (or delete the folder) to start over"
+                )
+            logger.warning("%s: progress of other inputs or settings discarded (--restart)", folder)
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(meta, json.dumps(key, indent=1))
 
     def path(self, chunk: int) -> Path:
@@ -276,8 +280,10 @@ def select_pairs(
     negatives_csv: str | os.PathLike,
     key: dict,
     device: torch.device | str = "cpu",
+    restart: bool = False,
 ) -> dict:
-    """The whole resumable selection; ``key`` names the inputs of the inlier counts. -> summary."""
+    """The whole resumable selection; ``key`` names the inputs of the inlier counts; ``restart``
+    discards progress of other inputs instead of refusing it. -> summary."""
     pairs_csv, labels = Path(pairs_csv), np.asarray(labels)
     candidates = same_class_candidates(descriptors, labels, settings.num_neighbors)
     chunks = class_chunks(candidates, labels, settings.chunk_classes)
@@ -289,6 +295,7 @@ def select_pairs(
             "chunk_classes": settings.chunk_classes,
             "num_images": len(image_ids),
         },
+        restart,
     )
     verifier.run(chunks, store)
     kept = filter_pairs(

@@ -14,11 +14,11 @@ step() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
 step "1/7 synthetic benchmark -> datasets/data/synthetic"
 "$PY" datasets/make_synthetic.py --out datasets/data/synthetic
 
-step "2/7 train SENet (ResNet-18, random init; L_cls + L_con)"
+step "2/7 train SENet (ResNet-18, random init, identity-initialised SSM and FC; softmax L_cls)"
 [ -f "$OUT/senet/model_final.pth" ] || "$PY" tools/train.py --config configs/demo/senet.yaml
 
 step "3/7 select overlapping pairs and hard negatives with the trained SENet"
-"$PY" tools/select_pairs.py --config configs/demo/select_pairs.yaml
+"$PY" tools/select_pairs.py --config configs/demo/select_pairs.yaml --restart
 
 step "4/7 train CVNet-Rerank on the frozen SENet backbone"
 [ -f "$OUT/cvnet_rerank/model_final.pth" ] || "$PY" tools/train.py --config configs/demo/cvnet_rerank.yaml

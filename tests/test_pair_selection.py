@@ -76,6 +76,7 @@ def run(
     settings: SelectionSettings = SETTINGS,
     workers: int = 0,
     images: int = 24,
+    restart: bool = False,
 ) -> dict:
     """select_pairs on the first ``images`` images of the tiny set, SIFT features by index."""
     _, train_list, _ = tiny
@@ -91,6 +92,7 @@ def run(
         out / "pairs.csv",
         out / "negatives.csv",
         {"test": 1},
+        restart=restart,
     )
 
 
@@ -145,8 +147,12 @@ def test_changed_settings_are_refused_on_resume(tiny, tmp_path):
     other = SelectionSettings(
         num_neighbors=2, min_inliers=8, min_class_images=1, hard_neg_pool=3, chunk_classes=1
     )
-    with pytest.raises(ValueError, match="delete the folder"):
+    with pytest.raises(ValueError, match="--restart"):
         run(tiny, tmp_path, CountingFeatures(features), other, images=6)
+    # --restart discards the stale progress and recomputes every image with the new settings
+    again = CountingFeatures(features)
+    run(tiny, tmp_path, again, other, images=6, restart=True)
+    assert again.calls == 6
 
 
 def test_candidates_are_same_class_nearest_neighbours():

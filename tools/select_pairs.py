@@ -85,7 +85,13 @@ def gv_key(cfg, fingerprint: str, list_sha1: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse --config and overrides, extract global descriptors, select pairs, print the summary."""
-    _, cfg = parse_config(config_parser(__doc__), argv)
+    parser = config_parser(__doc__)
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the progress of a selection with other inputs (e.g. a retrained model)",
+    )
+    args, cfg = parse_config(parser, argv)
     root, device, tic = Path(cfg.DATA.ROOT), resolve_device(cfg.DEVICE), time.perf_counter()
     train_list = read_train_csv(root / cfg.TRAIN.CSV)
     paths = [image_path(root / cfg.TRAIN.IMAGE_DIR, i) for i in train_list.image_ids]
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         root / cfg.RERANK_TRAIN.HARD_NEG_CSV,
         gv_key(cfg, fingerprint, train_list.csv_sha1),
         device,
+        args.restart,
     )
     summary["seconds"] = round(time.perf_counter() - tic, 1)
     print(json.dumps(summary, indent=1))
