@@ -237,7 +237,7 @@ _choice(_C.TEST, "TEST", "CROP", "truncate", ("truncate", "round", "none"))
 _C.TEST.MIN_SIDE = 32
 # Batch size of feature extraction (1 = official; >1 only batches equal-size images).
 _C.TEST.BATCH_SIZE = 1
-# Mixed precision for extraction on CUDA.
+# Mixed precision of extraction and re-rank scoring on CUDA (CPU: bf16 re-rank scoring only).
 _choice(_C.TEST, "TEST", "AMP", "off", ("off", "bf16", "fp16"))
 # Reuse saved features when their metadata matches.
 _C.TEST.CACHE_FEATURES = True

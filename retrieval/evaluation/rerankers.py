@@ -67,7 +67,10 @@ def _cvnet_reranker(cfg, rerank_model: nn.Module | None, context: RerankContext)
     queries, database = context.images((1.0,))
     directory = context.cache_dir / f"pyramids_{context.name}" if cfg.TEST.CACHE_FEATURES else None
     cache = cache_module.build_pyramid_cache(cfg, rerank_model, directory, context.name)
-    amp = AMP_DTYPES[context.settings.amp] if context.device.type == "cuda" else None
+    # TEST.AMP: CUDA autocast; on the CPU only bf16 (fast there, fp16 is not), and only for the
+    # scoring: global extraction stays fp32 on the CPU.
+    amp = AMP_DTYPES[context.settings.amp]
+    amp = amp if context.device.type == "cuda" or amp == torch.bfloat16 else None
     return reranker_module.CVNetReranker(
         rerank_model.to(context.device),
         lambda i: queries[i].images[0][None],  # (3, H, W) -> (1, 3, H, W)
