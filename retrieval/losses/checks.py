@@ -5,6 +5,15 @@ from __future__ import annotations
 import torch
 
 
+def check_labels(loss: str, labels: torch.Tensor, batch: int) -> None:
+    """Raise a clear error unless ``labels`` is an integer tensor of shape (batch,)."""
+    if labels.shape != (batch,) or labels.is_floating_point():
+        raise ValueError(
+            f"{loss}: labels must be an integer tensor of shape ({batch},), "
+            f"got {labels.dtype} of shape {tuple(labels.shape)}"
+        )
+
+
 def check_class_inputs(
     loss: str, embeddings: torch.Tensor, labels: torch.Tensor, dim: int, num_classes: int
 ) -> None:
@@ -13,11 +22,7 @@ def check_class_inputs(
         raise ValueError(
             f"{loss}: embeddings of shape {tuple(embeddings.shape)}, expected (B, {dim})"
         )
-    if labels.shape != embeddings.shape[:1] or labels.is_floating_point():
-        raise ValueError(
-            f"{loss}: labels must be an integer tensor of shape ({embeddings.shape[0]},), "
-            f"got {labels.dtype} of shape {tuple(labels.shape)}"
-        )
+    check_labels(loss, labels, embeddings.shape[0])
     low, high = labels.aminmax()
     if low < 0 or high >= num_classes:
         bad = int(low) if low < 0 else int(high)

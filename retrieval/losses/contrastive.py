@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval.engine.distributed import all_gather_tensor
+from retrieval.losses.checks import check_labels
 
 EMPTY_LABEL = -1
 LogDenominator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -196,11 +197,7 @@ class MomentumContrastiveLoss(nn.Module):
             raise ValueError(
                 f"{name}: q {tuple(q.shape)} and k {tuple(k.shape)} must both be (B, {self.dim})"
             )
-        if labels.shape != q.shape[:1] or labels.is_floating_point():
-            raise ValueError(
-                f"{name}: labels must be an integer tensor of shape ({q.shape[0]},), "
-                f"got {labels.dtype} of shape {tuple(labels.shape)}"
-            )
+        check_labels(name, labels, q.shape[0])
         if labels.numel() and labels.min() < 0:
             raise ValueError(f"{name}: label {int(labels.min())} is negative; labels must be >= 0")
 
