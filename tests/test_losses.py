@@ -163,6 +163,8 @@ def test_classification_losses_reject_bad_labels(loss, bad):
         crit(torch.randn(3, 4), labels)
     with pytest.raises(ValueError, match="embeddings of shape"):
         crit(torch.randn(3, 5), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="num_classes=0 must be >= 1"):
+        loss(4, 0)
 
 
 def test_softmax_loss_matches_linear_cross_entropy_with_smoothing():

@@ -1,8 +1,16 @@
-"""Input checks shared by the classification losses."""
+"""Input checks shared by the losses."""
 
 from __future__ import annotations
 
 import torch
+
+
+def check_class_sizes(loss: str, embedding_dim: int, num_classes: int) -> None:
+    """Raise a clear error unless both sizes of a classification loss are >= 1."""
+    if embedding_dim < 1 or num_classes < 1:
+        raise ValueError(
+            f"{loss}: embedding_dim={embedding_dim} and num_classes={num_classes} must be >= 1"
+        )
 
 
 def check_labels(loss: str, labels: torch.Tensor, batch: int) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval.engine.distributed import all_gather_tensor
-from retrieval.losses.checks import check_class_inputs
+from retrieval.losses.checks import check_class_inputs, check_class_sizes
 
 # Keeps sqrt(1 − cos²) differentiable when an embedding coincides with its class weight.
 _SIN_EPS = 1e-12
@@ -41,11 +41,7 @@ class CurricularFace(nn.Module):
         init_std: float = 0.01,
     ) -> None:
         super().__init__()
-        if embedding_dim < 1 or num_classes < 1:
-            raise ValueError(
-                f"CurricularFace: embedding_dim={embedding_dim} and num_classes={num_classes} "
-                "must be >= 1"
-            )
+        check_class_sizes("CurricularFace", embedding_dim, num_classes)
         if not 0.0 <= margin < math.pi:
             raise ValueError(f"CurricularFace: margin={margin} must be an angle in [0, π) radians")
         if not 0.0 <= t_momentum <= 1.0:

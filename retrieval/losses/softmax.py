@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval.losses.checks import check_class_inputs
+from retrieval.losses.checks import check_class_inputs, check_class_sizes
 
 
 class SoftmaxClassifierLoss(nn.Module):
@@ -26,11 +26,7 @@ class SoftmaxClassifierLoss(nn.Module):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        if embedding_dim < 1 or num_classes < 1:
-            raise ValueError(
-                f"SoftmaxClassifierLoss: embedding_dim={embedding_dim} and "
-                f"num_classes={num_classes} must be >= 1"
-            )
+        check_class_sizes("SoftmaxClassifierLoss", embedding_dim, num_classes)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(
                 f"SoftmaxClassifierLoss: label_smoothing={label_smoothing} must be in [0, 1)"
