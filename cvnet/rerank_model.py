@@ -17,6 +17,7 @@ from yacs.config import CfgNode
 from cvnet.correlation import correlation_fast, pyramid_sizes, resize_bilinear
 from cvnet.global_model import CVNetGlobal, build_cvnet_global
 from cvnet.learner import BLOCK1_F3, BLOCK1_F4, CVLearner
+from retrieval.modeling.choices import resolve_choice
 from retrieval.modeling.head import l2_normalize
 from retrieval.modeling.registry import register_model
 
@@ -50,10 +51,7 @@ class CVNetRerank(nn.Module):
         feature_layer: str = "res4",
     ) -> None:
         super().__init__()
-        if feature_layer not in FEATURE_LAYERS:
-            raise ValueError(
-                f"feature_layer {feature_layer!r} unknown; allowed: {sorted(FEATURE_LAYERS)}"
-            )
+        self.feature_names = resolve_choice("feature_layer", feature_layer, FEATURE_LAYERS)
         if list(scales) != sorted(scales) or scales[-1] != 1.0:
             raise ValueError(
                 f"scales must be ascending area ratios ending at 1.0 (full scale), got {scales}"
@@ -62,7 +60,6 @@ class CVNetRerank(nn.Module):
         self.compress = compress
         self.cv_learner = cv_learner
         self.scales = tuple(float(s) for s in scales)
-        self.feature_names = FEATURE_LAYERS[feature_layer]
         self.pairs = scale_pairs(len(self.scales), cross_scale)
         self._check_parts()
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from retrieval.modeling.inspect import to_our_names
 from retrieval.modeling.official_names import from_official, looks_official
 
 # Keys only ever tolerated as missing: BN counters, irrelevant in eval and re-created at 0.
@@ -95,16 +96,19 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
     model.load_state_dict(state, strict=False)
 
 
-def read_model_state(path: str | os.PathLike, arch: str) -> tuple[dict[str, Any], dict]:
+def read_model_state(
+    path: str | os.PathLike, arch: str | None = None
+) -> tuple[dict[str, Any], dict]:
     """(checkpoint object, its model state dict in our names): ours as stored, an official
-    ``arch`` checkpoint converted."""
+    ``arch`` checkpoint converted (``arch`` None: the architecture is read off the keys)."""
     obj = load_checkpoint(path)
     state = extract_state_dict(obj)
     if looks_official(state):
         try:
-            state = from_official(state, arch)
+            state = from_official(state, arch) if arch else to_our_names(state)[0]
         except KeyError as err:
-            raise CheckpointError(f"{path}: not an official {arch} checkpoint: {err}") from None
+            kind = f"official {arch}" if arch else "known official"
+            raise CheckpointError(f"{path}: not a {kind} checkpoint: {err}") from None
     return obj, state
 
 

@@ -14,22 +14,15 @@ channels before the clamp, one similarity per neighbour (Tab. S3 "directly").
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import TypeVar
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-T = TypeVar("T")
+from retrieval.modeling.choices import resolve_choice
+
 TensorFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def resolve_choice(arg: str, value: str, options: Mapping[str, T]) -> T:
-    """Return ``options[value]``; a ValueError names ``arg`` and the allowed values otherwise."""
-    if not isinstance(value, str) or value not in options:
-        raise ValueError(f"{arg}={value!r} is not supported; allowed values: {sorted(options)}")
-    return options[value]
 
 
 def check_size(arg: str, value: int, minimum: int = 1, odd: bool = False) -> None:

@@ -19,7 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from senet.self_similarity import SelfCorrelation, check_size, resolve_choice
+from retrieval.modeling.choices import resolve_choice
+from senet.self_similarity import SelfCorrelation, check_size
 
 FuseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

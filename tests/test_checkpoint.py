@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from retrieval.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from retrieval.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_model_state,
+    save_checkpoint,
+)
+from retrieval.config import load_cfg
+from retrieval.modeling.official_names import to_official
+from retrieval.modeling.registry import build_model
 
 
 def test_save_then_load(tmp_path):
@@ -45,3 +53,19 @@ def test_missing_and_foreign(tmp_path):
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match=r"list\.pth.*holds a list"):
         load_checkpoint(tmp_path / "list.pth")
+
+
+@pytest.mark.parametrize("arch", ["senet", "cvnet_global"])
+def test_read_model_state_reads_the_arch_of_an_official_checkpoint(tmp_path, arch):
+    model = build_model(load_cfg(None, ["MODEL.ARCH", arch, "MODEL.DEPTH", "18"]))
+    path = save_checkpoint(
+        {"model_state": to_official(model.state_dict(), arch)}, tmp_path / "o.pyth"
+    )
+    _, state = read_model_state(path)  # no arch given: read off the keys
+    model.load_state_dict(state, strict=True)
+
+
+def test_read_model_state_names_a_foreign_official_checkpoint(tmp_path):
+    path = save_checkpoint({"model_state": {"encoder_q.foo.weight": torch.ones(1)}}, tmp_path / "x")
+    with pytest.raises(CheckpointError, match="not a known official checkpoint"):
+        read_model_state(path)

@@ -9,6 +9,7 @@ import torch
 
 from retrieval.checkpoint import CheckpointError, load_model_weights, save_checkpoint
 from retrieval.config import load_cfg
+from retrieval.modeling.inspect import to_our_names
 from retrieval.modeling.official_names import from_official, looks_official, to_official
 from retrieval.modeling.registry import build_model
 
@@ -113,3 +114,11 @@ def test_round_trip_ours_to_official_to_ours():
     back = from_official(to_official(state, "cvnet_global"), "cvnet_global")
     assert set(back) == set(state)
     assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("arch", ["senet", "cvnet_global", "cvnet_rerank"])
+def test_to_our_names_recognises_each_official_layout(arch):
+    model = build_model(load_cfg(None, ["MODEL.ARCH", arch, "MODEL.DEPTH", "18"]))
+    ours, guessed = to_our_names(to_official(model.state_dict(), arch))
+    assert guessed == arch
+    assert sorted(ours) == sorted(model.state_dict())

@@ -14,22 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.checkpoint import extract_state_dict, load_checkpoint  # noqa: E402
 from retrieval.cli import run_cli  # noqa: E402
-from retrieval.modeling.inspect import count_parameters, guess_arch, guess_depth  # noqa: E402
-from retrieval.modeling.official_names import MODEL_SCOPES, from_official, looks_official  # noqa: E402
-
-
-def _to_ours(state: dict) -> tuple[dict, str]:
-    """Our naming of ``state`` and the architecture it belongs to."""
-    if not looks_official(state):
-        return state, guess_arch(state)
-    for arch in ("cvnet_rerank", "senet", "cvnet_global"):
-        try:
-            ours = from_official(state, arch)
-        except KeyError:
-            continue
-        if arch in MODEL_SCOPES and guess_arch(ours) in (arch, "cvnet_global"):
-            return ours, arch
-    raise SystemExit("keys match no known official architecture")
+from retrieval.modeling.inspect import count_parameters, guess_depth, to_our_names  # noqa: E402
+from retrieval.modeling.official_names import looks_official  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -41,7 +27,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     obj = load_checkpoint(args.path)
     state = extract_state_dict(obj)
-    ours, arch = _to_ours(state)
+    try:
+        ours, arch = to_our_names(state)
+    except KeyError as err:
+        raise SystemExit(f"{args.path}: {err.args[0]}") from None
     print(f"file:        {args.path}")
     print(f"naming:      {'official (pycls)' if looks_official(state) else 'ours'}")
     depth = guess_depth({k.removeprefix("encoder."): v for k, v in ours.items()})

@@ -25,17 +25,16 @@ from yacs.config import CfgNode
 from cvnet.rerank_model import CVNetRerank
 from cvnet.tuples import HideAndSeek, TupleSampler, read_hard_negatives, read_positive_pairs
 from retrieval.checkpoint import (
-    extract_state_dict,
-    load_checkpoint,
     load_model_weights,
     load_state_strict,
+    read_model_state,
     save_checkpoint,
 )
 from retrieval.data.augment import build_train_augment
 from retrieval.data.gldv2 import Transform, image_path, read_train_csv
 from retrieval.data.image_io import ImageReadError, read_image
 from retrieval.engine.trainer import TrainTask
-from retrieval.modeling.official_names import from_official, looks_official
+from retrieval.modeling.inspect import guess_arch
 from retrieval.modeling.registry import build_model
 
 logger = logging.getLogger(__name__)
@@ -143,15 +142,6 @@ class RerankTrainModule(nn.Module):
         }
 
 
-def _checkpoint_arch(state: dict) -> str:
-    """senet / cvnet_rerank / cvnet_global from characteristic keys (ours or official naming)."""
-    if any(key.startswith(("ssm.", "SSM.")) for key in state):
-        return "senet"
-    if any(key.startswith("cv_learner.") for key in state):
-        return "cvnet_rerank"
-    return "cvnet_global"
-
-
 def load_encoder_weights(model: CVNetRerank, path: str) -> None:
     """Encoder weights from a global or re-rank checkpoint (ours or official).
 
@@ -159,11 +149,9 @@ def load_encoder_weights(model: CVNetRerank, path: str) -> None:
     backbone only (the re-ranker correlates backbone features; the SSM and head have no place in a
     CVNet-Global encoder), so a trained SENet can feed the re-ranker as in SENet supp. Tab. S1 (b).
     """
-    state = extract_state_dict(load_checkpoint(path))
-    arch = _checkpoint_arch(state)
-    if looks_official(state):
-        state = from_official(state, arch)
+    _, state = read_model_state(path)
     source = f"MODEL.RERANK.GLOBAL_WEIGHTS {path!r}"
+    arch = guess_arch(state)
     if arch == "cvnet_rerank":  # its encoder only
         state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
     if arch == "senet":

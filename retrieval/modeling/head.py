@@ -6,9 +6,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retrieval.modeling.choices import resolve_choice
 from retrieval.modeling.pooling import GeM
 
-FC_INITS = ("default", "identity")
+
+def _keep_default_init(fc: nn.Linear) -> None:
+    """PyTorch's Linear init, as the papers."""
+
+
+def _identity_init(fc: nn.Linear) -> None:
+    """Weight I, bias 0: the descriptor starts as the GeM vector itself (square heads only)."""
+    if fc.out_features != fc.in_features:
+        raise ValueError(
+            f"fc_init='identity' needs MODEL.REDUCTION_DIM ({fc.out_features}) equal to the "
+            f"backbone's {fc.in_features} channels"
+        )
+    nn.init.eye_(fc.weight)
+    nn.init.zeros_(fc.bias)
+
+
+# MODEL.FC_INIT -> initialisation of the head's FC.
+FC_INITS = {"default": _keep_default_init, "identity": _identity_init}
 
 
 class GlobalHead(nn.Module):
@@ -27,18 +45,10 @@ class GlobalHead(nn.Module):
         fc_init: str = "default",
     ) -> None:
         super().__init__()
-        if fc_init not in FC_INITS:
-            raise ValueError(f"fc_init={fc_init!r} is not supported; allowed values: {FC_INITS}")
-        if fc_init == "identity" and out_dim != in_dim:
-            raise ValueError(
-                f"fc_init='identity' needs MODEL.REDUCTION_DIM ({out_dim}) equal to the backbone's "
-                f"{in_dim} channels"
-            )
+        init = resolve_choice("fc_init", fc_init, FC_INITS)
         self.pool = GeM(p=p, trainable=p_trainable)
         self.fc = nn.Linear(in_dim, out_dim, bias=True)
-        if fc_init == "identity":
-            nn.init.eye_(self.fc.weight)
-            nn.init.zeros_(self.fc.bias)
+        init(self.fc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, out_dim)."""

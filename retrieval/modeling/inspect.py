@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 
 from retrieval.modeling.backbone import RESNET_SPECS
+from retrieval.modeling.official_names import from_official, looks_official
 
 _BLOCK = re.compile(r"backbone\.layer(\d)\.(\d+)\.")
 
@@ -35,6 +36,25 @@ def guess_arch(state: Mapping[str, torch.Tensor]) -> str:
     if any(key.startswith("ssm.") for key in state):
         return "senet"
     return "cvnet_global"
+
+
+def guess_official_arch(state: Mapping[str, torch.Tensor]) -> str:
+    """Architecture of an official checkpoint: re-ranker parts, else the CVNet ``encoder_q.``
+    scope, else SENet (its backbone keys have no scope)."""
+    if any(key.startswith(("conv2ds.", "cv_learner.")) for key in state):
+        return "cvnet_rerank"
+    if any(key.startswith("encoder_q.") for key in state):
+        return "cvnet_global"
+    return "senet"
+
+
+def to_our_names(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """(``state`` in our naming, its architecture); official checkpoints are converted (KeyError
+    when their keys do not fit the guessed architecture)."""
+    if not looks_official(state):
+        return dict(state), guess_arch(state)
+    arch = guess_official_arch(state)
+    return from_official(state, arch), arch
 
 
 def count_parameters(state: Mapping[str, torch.Tensor]) -> int:
