@@ -33,8 +33,9 @@ from retrieval.paper_tables import row_configs
 
 SCALES = ("demo", "full")
 DEMO_OVERLAY = Path("configs/demo/scale.yaml")
-# Demo pair selection (SIFT verification, thresholds for 8 views per landmark): re-ranker only.
-DEMO_PAIRS_OVERLAY = Path("configs/demo/pairs.yaml")
+# Demo pair selection (SIFT verification, thresholds for 8 views per landmark) and re-ranker
+# training recipe: re-ranker jobs only.
+DEMO_RERANK_OVERLAY = Path("configs/demo/rerank.yaml")
 # Real test set -> its synthetic stand-in at demo scale.
 DEMO_SETS = {"roxford5k": "synth_oxf", "rparis6k": "synth_par"}
 # Keys that change only evaluation (or bookkeeping), never the trained weights.
@@ -103,12 +104,12 @@ def model_signature(cfg) -> str:
     return hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def compose(files: list[Path | str], scale: str, opts: list[str] = (), pairs: bool = False):
-    """The config of ``files`` (+ the demo overlays at demo scale: scale, and pairs if asked) and
-    ``opts``."""
+def compose(files: list[Path | str], scale: str, opts: list[str] = (), rerank: bool = False):
+    """The config of ``files`` (+ the demo overlays at demo scale: scale, and the re-ranker's if
+    asked) and ``opts``."""
     if scale not in SCALES:
         raise ValueError(f"scale={scale!r}; expected one of {SCALES}")
-    overlay = [DEMO_OVERLAY, *([DEMO_PAIRS_OVERLAY] if pairs else [])] if scale == "demo" else []
+    overlay = [DEMO_OVERLAY, *([DEMO_RERANK_OVERLAY] if rerank else [])] if scale == "demo" else []
     return load_cfg([*files, *overlay], list(opts))
 
 
