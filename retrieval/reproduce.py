@@ -186,7 +186,8 @@ class Planner:
         ]
         if out not in self.selected:
             self.selected.add(out)
-            config = out.with_suffix(".yaml")
+            # <model>.pairs.yaml: with_suffix would give <model>.yaml, the model's training config
+            config = out.with_name(out.name + ".yaml")
             extra = ["MODEL.WEIGHTS", str(global_weights), "OUTPUT_DIR", str(out), *opts]
             if not self.opt.dry_run:
                 dependency = GLOBAL_DEPENDENCY.format(depth=depth)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from retrieval.config import load_cfg
 from retrieval.reproduce import Job, Options, Planner, run_jobs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,3 +161,19 @@ def test_model_trained_under_another_name_is_reused(tmp_path: Path, monkeypatch)
     second.add_table("senet_S3")
     channel_wise = next(j for j in second.plan.jobs if j.name == "senet_S3/channel_wise")
     assert channel_wise.argv[-1] == str(renamed)
+
+
+def test_every_job_of_a_rerank_table_has_its_own_config(tmp_path: Path, monkeypatch) -> None:
+    """The pair selection's config must not overwrite the global model's training config (it once
+    did: the global training then tried to load its own final checkpoint as MODEL.WEIGHTS)."""
+    monkeypatch.chdir(REPO)
+    planner = Planner(Options(scale="demo", out_root=tmp_path))
+    planner.add_table("cvnet_S4")
+    configs = [Path(job.argv[job.argv.index("--config") + 1]) for job in planner.plan.jobs]
+    assert len(set(configs)) == len(configs)
+    for job, config in zip(planner.plan.jobs, configs):
+        cfg = load_cfg(config)
+        if job.kind == "train" and cfg.MODEL.ARCH == "cvnet_global":
+            assert cfg.MODEL.WEIGHTS == ""
+        if job.kind == "select":
+            assert cfg.MODEL.WEIGHTS.endswith("model_final.pth")
