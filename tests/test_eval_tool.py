@@ -179,7 +179,19 @@ def test_cvnet_rerank_checkpoint_end_to_end(tmp_path) -> None:
         cfg, model.encoder, model
     )  # a cvnet_rerank model: encoder global, itself re-ranks
     assert list(results["datasets"]["roxford5k"]["rows"]) == ["global", "+rerank 2"]
-    assert (tmp_path / "out" / "features" / "pyramids_roxford5k").is_dir()
+    features = tmp_path / "out" / "features"
+    assert (features / "pyramids_roxford5k_float16").is_dir()
+    # Rows of one table that differ only in the storage dtype share the feature folder (Tab. S4).
+    cfg_int8 = _cfg(
+        tmp_path, *opts, "TEST.RERANK_MODE", "label_free", "TEST.RERANK_CACHE_DTYPE", "int8"
+    )
+    again = evaluate(cfg_int8, model.encoder, model)
+    assert (features / "pyramids_roxford5k_int8").is_dir()
+    assert list(again["datasets"]["roxford5k"]["rows"]) == ["global", "+rerank 2"]
+    # A cache left by another model is rebuilt, not reused and not an error.
+    torch.manual_seed(1)
+    other = build_model(cfg)
+    evaluate(cfg, other.encoder, other)
 
 
 def test_gldv2_map_at_100(tmp_path, tiny_model) -> None:

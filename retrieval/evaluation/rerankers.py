@@ -65,8 +65,18 @@ def _cvnet_reranker(cfg, rerank_model: nn.Module | None, context: RerankContext)
     cache_module = import_reranker_module(cfg, "cvnet.cache")
     reranker_module = import_reranker_module(cfg, "cvnet.reranker")
     queries, database = context.images((1.0,))
-    directory = context.cache_dir / f"pyramids_{context.name}" if cfg.TEST.CACHE_FEATURES else None
-    cache = cache_module.build_pyramid_cache(cfg, rerank_model, directory, context.name)
+    # One directory per storage dtype: table rows that only differ in TEST.RERANK_CACHE_DTYPE share
+    # a model's feature folder. A cache left by another model is rebuilt with a warning, as stale
+    # global features are re-extracted.
+    dtype = cfg.TEST.RERANK_CACHE_DTYPE
+    directory = context.cache_dir / f"pyramids_{context.name}_{dtype}"
+    cache = cache_module.build_pyramid_cache(
+        cfg,
+        rerank_model,
+        directory if cfg.TEST.CACHE_FEATURES else None,
+        context.name,
+        rebuild=True,
+    )
     # TEST.AMP: CUDA autocast; on the CPU only bf16 (fast there, fp16 is not), and only for the
     # scoring: global extraction stays fp32 on the CPU.
     amp = AMP_DTYPES[context.settings.amp]
