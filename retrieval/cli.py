@@ -5,12 +5,12 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 
 from retrieval.checkpoint import CheckpointError
 from retrieval.config import ConfigError, load_cfg
+from retrieval.engine.logger import setup_logging
 
 # Errors caused by the user's input (files, keys, values); anything else is a bug and keeps its
 # traceback.
@@ -19,9 +19,7 @@ USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, FileExistsError)
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Call ``main(argv)``; a user error exits with status 2 and its message."""
-    logging.basicConfig(
-        level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S"
-    )
+    setup_logging()
     try:
         main(argv)
     except USER_ERRORS as err:

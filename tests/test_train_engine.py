@@ -322,3 +322,25 @@ def test_gradient_accumulation_equals_full_batch(tmp_path, amp):
     assert params[1].abs().sum() > 0
     tolerance = 1e-6 if amp == "off" else 1e-2  # bf16 matmuls round differently per micro-batch
     torch.testing.assert_close(params[2], params[1], rtol=tolerance, atol=tolerance)
+
+
+def test_log_lines_print_once_after_cli_and_trainer_setup(capfd):
+    """run_cli sets up logging, the trainer sets it up again: each message is printed once."""
+    import logging
+
+    from retrieval.cli import run_cli
+    from retrieval.engine.logger import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers = [h for h in root.handlers if not getattr(h, "_retrieval", False)]
+    try:
+
+        def main(argv):
+            setup_logging(main_process=True)  # what Trainer does once the rank is known
+            logging.getLogger("retrieval.test").info("one line please")
+
+        run_cli(main, [])
+        assert capfd.readouterr().err.count("one line please") == 1
+    finally:
+        root.handlers, root.level = saved[0], saved[1]

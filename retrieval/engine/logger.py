@@ -15,12 +15,16 @@ from pathlib import Path
 FORMAT = "[%(asctime)s %(name)s %(levelname)s] %(message)s"
 
 
-def setup_logging(main_process: bool) -> None:
-    """Console logging at INFO on the main process, WARNING elsewhere."""
+def setup_logging(main_process: bool = True) -> None:
+    """One console handler on stderr (beside tqdm's bars): INFO on the main process, else WARNING.
+
+    Called by every tool at start-up and again by the trainer once the rank is known; repeated
+    calls only change the level, so no line is printed twice.
+    """
     level = logging.INFO if main_process else logging.WARNING
     root = logging.getLogger()
     if not any(getattr(h, "_retrieval", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
         handler._retrieval = True  # marks our handler so repeated calls do not add another
         root.addHandler(handler)
