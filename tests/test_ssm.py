@@ -288,3 +288,31 @@ def test_bad_values_raise(kwargs, words):
         SSM(**{"in_dim": 16, "mid_dim": 8, **kwargs})
     for word in words:
         assert word in str(info.value)
+
+
+@pytest.mark.parametrize("arch", ["senet", "cvnet_rerank"])
+def test_to_channels_last_keeps_outputs(arch):
+    """nn.Module.to(memory_format=channels_last) fails on the SSM's 5-D Conv3d weights; ours
+    converts the 4-D ones only and changes no output (TRAIN/TEST.CHANNELS_LAST)."""
+    import copy
+
+    from retrieval.config import load_cfg
+    from retrieval.modeling.memory_format import to_channels_last
+    from retrieval.modeling.registry import build_model
+
+    torch.manual_seed(0)
+    extra = ["MODEL.RERANK.COMPRESS_DIM", "8"] if arch == "cvnet_rerank" else []
+    model = build_model(load_cfg(None, ["MODEL.ARCH", arch, "MODEL.DEPTH", "18", *extra])).eval()
+    converted = to_channels_last(copy.deepcopy(model))
+    weights = dict(converted.named_parameters())
+    assert arch != "senet" or any(p.dim() == 5 for p in weights.values())
+    for name, p in weights.items():
+        if p.dim() == 4:
+            assert p.is_contiguous(memory_format=torch.channels_last), name
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        if arch == "senet":
+            diff = converted(x.contiguous(memory_format=torch.channels_last)) - model(x)
+        else:
+            diff = converted(x, x[:, :, :48, :40]) - model(x, x[:, :, :48, :40])
+    assert diff.abs().max() < 1e-5

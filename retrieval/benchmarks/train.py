@@ -28,6 +28,7 @@ from torch import nn
 from retrieval.config import load_cfg
 from retrieval.engine.distributed import resolve_device
 from retrieval.engine.global_task import build_global_train_module
+from retrieval.modeling.memory_format import to_channels_last
 from retrieval.modeling.registry import build_model
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,8 +71,8 @@ def _build(args: argparse.Namespace, arch: str, no_ssm: bool, device: torch.devi
     if no_ssm:
         model.ssm = nn.Identity()  # sum fusion keeps the shape, so the rest of SENet is unchanged
     module = build_global_train_module(cfg, model, args.num_classes)
-    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
-    return module.to(device, memory_format=memory_format).train()
+    module = module.to(device).train()
+    return to_channels_last(module) if args.channels_last else module
 
 
 def _step(

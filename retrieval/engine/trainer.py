@@ -42,6 +42,7 @@ from retrieval.engine.resume import (
     write_checkpoint,
 )
 from retrieval.engine.task import TrainTask, set_train_mode, to_device
+from retrieval.modeling.memory_format import to_channels_last
 
 logger = logging.getLogger(__name__)
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,10 +79,9 @@ class Trainer:
                     "use TRAIN.FREEZE_BN"
                 )
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        memory_format = (
-            torch.channels_last if self.cfg.TRAIN.CHANNELS_LAST else torch.preserve_format
-        )
-        module = module.to(self.device, memory_format=memory_format)
+        module = module.to(self.device)
+        if self.cfg.TRAIN.CHANNELS_LAST:
+            to_channels_last(module)
         if self.world == 1:
             return module, module
         ids = [self.device.index] if self.device.type == "cuda" else None

@@ -34,6 +34,7 @@ from retrieval.evaluation.report import write_report
 from retrieval.evaluation.rerank import Reranker, evaluate_reranked, rerank_top_k
 from retrieval.evaluation.rerankers import MemoReranker, RerankContext, build_reranker
 from retrieval.evaluation.search import full_ranking, search
+from retrieval.modeling.memory_format import to_channels_last
 
 GLDV2_NAME = "gldv2"
 GLDV2_K = 100
@@ -318,7 +319,7 @@ def evaluate(
     device = resolve_device(cfg.DEVICE)
     model = model.to(device).eval()
     if cfg.TEST.CHANNELS_LAST and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        model = to_channels_last(model)
     datasets = {}
     for name in cfg.TEST.DATASETS:
         if name == GLDV2_NAME:
