@@ -115,12 +115,13 @@ def test_step_updates_every_parameter_and_momentum_encoder(data_root, tmp_path, 
     batch = next(iter(trainer.loader))
     trainer.train_step([batch])
     params = dict(module.named_parameters())
-    # a conv bias right before a train-mode BatchNorm has an exactly zero gradient (BN removes it)
+    # a conv bias right before a train-mode BatchNorm has a zero gradient (BN removes it), up to
+    # float32 rounding of the batch mean (1.2e-6 seen with torch 2.11 on 16 threads)
     before_bn = {
         n for n in before if n.startswith("model.ssm.encoder.blocks.") and n.endswith(".0.bias")
     }
     for name in before_bn:
-        assert params[name].grad.abs().max() < 1e-6, name
+        assert params[name].grad.abs().max() < 1e-5, name
     unchanged = [n for n in before if n not in before_bn and torch.equal(params[n], before[n])]
     assert (
         unchanged == []
