@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,7 @@ def _reproduce(tmp_path: Path, data: Path) -> str:
         cwd=REPO,
         capture_output=True,
         text=True,
-        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+        env={**os.environ, "PYTHON": sys.executable},  # PYTHONPATH etc. pass through
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done.stdout
@@ -125,10 +126,11 @@ def test_existing_checkpoint_is_not_retrained(tmp_path: Path) -> None:
         run_jobs(jobs, tmp_path / "logs", keep_going=False)
 
 
-def test_plan_trains_shared_and_dependency_models_once(monkeypatch) -> None:
+def test_plan_trains_shared_and_dependency_models_once(monkeypatch, tmp_path) -> None:
     """cvnet_S4 + S8: one CVNet-Global and one re-ranker (trained first), every row evaluated."""
     monkeypatch.chdir(REPO)
-    planner = Planner(Options(scale="demo", dry_run=True))
+    # an empty output root: models already trained in the checkout's output/ would be reused
+    planner = Planner(Options(scale="demo", dry_run=True, out_root=tmp_path / "reproduce"))
     planner.add_table("cvnet_S4")
     planner.add_table("cvnet_S8")
     kinds = [(job.kind, job.name.split("-")[0]) for job in planner.plan.jobs]
