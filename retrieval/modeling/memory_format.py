@@ -12,7 +12,7 @@ def to_channels_last(module: nn.Module) -> nn.Module:
     """Store every 4-D parameter and buffer channels_last, in place; tensors of other ranks stay.
 
     ``nn.Module.to(memory_format=torch.channels_last)`` converts 5-D tensors too and fails on them
-    ("required rank 4 tensor"): the SSM's and the 4D CNN's Conv3d weights are 5-D.
+    ("required rank 4 tensor"): SENet's SSM has 5-D Conv3d weights.
     """
     with torch.no_grad():
         for tensor in itertools.chain(module.parameters(), module.buffers()):
