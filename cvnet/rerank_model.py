@@ -18,7 +18,6 @@ from cvnet.correlation import correlation_fast, pyramid_sizes, resize_bilinear
 from cvnet.global_model import CVNetGlobal, build_cvnet_global
 from cvnet.learner import BLOCK1_F3, BLOCK1_F4, CVLearner
 from retrieval.modeling.choices import resolve_choice
-from retrieval.modeling.head import l2_normalize
 from retrieval.modeling.registry import register_model
 
 # MODEL.RERANK.FEATURE_LAYER -> correlated features (Tab. S5: f3 = pre-ReLU res4, f4 = res5).
@@ -89,14 +88,6 @@ class CVNetRerank(nn.Module):
         """(B, 3, H, W) -> a dense map (B, C, h, w) per correlated feature (one unless 'fuse')."""
         feats = self.encoder.backbone(img, self.feature_names)
         return [feats[name] for name in self.feature_names]
-
-    def extract_global_and_dense(
-        self, img: torch.Tensor
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One backbone pass -> (CVNetGlobal descriptor (B, D), the maps of ``extract_dense``)."""
-        feats = self.encoder.backbone(img, tuple(dict.fromkeys(("res5",) + self.feature_names)))
-        descriptor = l2_normalize(self.encoder.head(feats["res5"]))
-        return descriptor, [feats[name] for name in self.feature_names]
 
     def build_pyramid(self, dense: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Resize + per-scale compress (spec §3.2) -> levels (B, C', h_i, w_i), layer-major."""

@@ -48,6 +48,24 @@ def test_only_needed_stages_run():
     assert not calls
 
 
+def test_capture_adds_features_without_changing_the_outputs():
+    """backbone.capture: the same forward also yields res4_prerelu; outside it nothing is kept."""
+    torch.manual_seed(0)
+    backbone = ResNetBackbone(18).eval()
+    x = torch.randn(1, 3, 70, 90)
+    with torch.no_grad():
+        plain = backbone(x)["res5"]
+        with backbone.capture(("res4_prerelu",)) as captured:
+            res5 = backbone(x)["res5"]
+        reference = backbone(x, ("res4_prerelu",))["res4_prerelu"]
+        after = backbone(x)
+    assert torch.equal(res5, plain)
+    assert list(captured) == ["res4_prerelu"] and torch.equal(captured["res4_prerelu"], reference)
+    assert list(after) == ["res5"] and backbone._capture == ((), {})
+    with pytest.raises(KeyError, match="res9"), backbone.capture(("res9",)):
+        pass
+
+
 def test_bad_depth_and_feature():
     with pytest.raises(ValueError, match=r"allowed: \[18, 34, 50, 101, 152\]"):
         ResNetBackbone(77)

@@ -13,6 +13,7 @@ from test_revisitop_data import _write_gldv2, make_tiny_revisitop
 
 from retrieval.checkpoint import save_checkpoint
 from retrieval.config import load_cfg
+from retrieval.data.revisitop import load_revisitop
 from retrieval.evaluation.evaluator import evaluate
 from retrieval.evaluation.metrics import evaluate_revisitop, gldv2_map_at_k
 from retrieval.evaluation.report import format_markdown
@@ -192,6 +193,47 @@ def test_cvnet_rerank_checkpoint_end_to_end(tmp_path) -> None:
     torch.manual_seed(1)
     other = build_model(cfg)
     evaluate(cfg, other.encoder, other)
+
+
+def test_shared_pass_builds_db_pyramids_in_the_global_extraction(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    """TEST.RERANK_SHARED_PASS: the re-ranker runs its backbone on the queries only, stores every
+    database pyramid during the global extraction, and the rows equal those of the lazy path."""
+    make_tiny_revisitop(tmp_path / "data", n_queries=2, per_label=1, n_negatives=2)
+    opts = ["MODEL.ARCH", "cvnet_rerank", "MODEL.RERANK.COMPRESS_DIM", 8, "TEST.RERANK_TOPK", [3]]
+    opts += ["TEST.RERANK_MODE", "label_free", "TEST.SCALES", [0.7071, 1.0]]
+    torch.manual_seed(0)
+    model = build_model(_cfg(tmp_path, *opts)).eval()
+    dense_calls = []
+    extract_dense = type(model).extract_dense
+    monkeypatch.setattr(
+        type(model),
+        "extract_dense",
+        lambda self, img: dense_calls.append(1) or extract_dense(self, img),
+    )
+
+    def run(shared: bool, reranker=model) -> tuple[dict, int]:
+        dense_calls.clear()
+        out = tmp_path / f"out_{shared}_{reranker is model}"
+        cfg = _cfg(tmp_path, *opts, "TEST.RERANK_SHARED_PASS", shared, "OUTPUT_DIR", str(out))
+        rows = evaluate(cfg, model.encoder, reranker)["datasets"]["roxford5k"]["rows"]
+        return rows, len(dense_calls)
+
+    (shared_rows, shared_calls), (lazy_rows, lazy_calls) = run(True), run(False)
+    n_db = len(load_revisitop(tmp_path / "data", "roxford5k").db_paths())
+    assert shared_calls == 2  # the two queries
+    ranks = np.load(tmp_path / "out_False_True" / "rankings_roxford5k.npz")["global"]
+    assert lazy_calls == 2 + len(np.unique(ranks[:3]))  # ... and every shortlisted database image
+    assert shared_rows == lazy_rows
+    items = tmp_path / "out_True_True" / "features" / "pyramids_roxford5k_float16" / "items"
+    assert len(list(items.glob("*/*.pt"))) == n_db
+    # A re-ranker with another backbone cannot share the pass: its pyramids are built lazily.
+    torch.manual_seed(1)
+    other = build_model(_cfg(tmp_path, *opts)).eval()
+    with caplog.at_level("INFO", logger="retrieval.evaluation.rerankers"):
+        assert run(True, other)[1] > 2
+    assert "backbone differs" in caplog.text
 
 
 def test_gldv2_map_at_100(tmp_path, tiny_model) -> None:

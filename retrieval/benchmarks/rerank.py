@@ -8,8 +8,8 @@ alike.
   the database backbone (up to res4 only, which favours the baseline: the official code also runs
   res5), both pyramids, the official correlate-then-4D-interpolate order, batch 1, fp32.
 * ours: the query pyramid once per query, database pyramids from a PyramidCache (their one-time
-  extraction is reported separately; in our pipeline the dense map comes from the global extraction
-  pass, ``CVNetRerank.extract_global_and_dense``, so only the compress convs remain), upsample-first
+  extraction is reported separately; in the evaluation the dense map comes from the global
+  extraction pass, TEST.RERANK_SHARED_PASS, so only the compress convs remain), upsample-first
   correlation, equal-size database items batched; fp32 and bf16 autocast.
 
 pairs/s is reported for a shortlist of K pairs per query: K / (per-query cost + K * per-pair cost),
@@ -188,8 +188,8 @@ def quantized_checks(model: CVNetRerank, ours: CVNetReranker, num_db: int) -> di
 
 
 NOTE = (
-    "one_time_* is paid once per database image; in our pipeline the dense map comes from the "
-    "global extraction pass (CVNetRerank.extract_global_and_dense), so only the compress convs "
+    "one_time_* is paid once per database image; in the evaluation the dense map comes from the "
+    "scale-1 pass of the global extraction (TEST.RERANK_SHARED_PASS), so only the compress convs "
     "(one_time_db_compress_only) are extra. Straightforward = official loop (query map once per "
     "query, database backbone to res4 + both pyramids + correlate-then-resize per pair, batch 1)."
 )

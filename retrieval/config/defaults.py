@@ -263,6 +263,11 @@ _C.TEST.RERANK_TOPK = []
 _choice(_C.TEST, "TEST", "RERANK_MODE", "official", ("official", "label_free"))
 # Storage type of the cached compressed database pyramids of CVNet-Rerank (CVNet supp. Tab. S4).
 _choice(_C.TEST, "TEST", "RERANK_CACHE_DTYPE", "float16", ("float32", "float16", "int8", "int4"))
+# Build CVNet-Rerank's database pyramids in the scale-1 pass of the global extraction (no second
+# backbone pass; the pyramids of all database images go to disk, not only the shortlisted ones).
+# Applies when the global and re-rank backbones are equal, TEST.SCALES holds 1.0,
+# TEST.CACHE_FEATURES is on and extraction runs in fp32; else pyramids are built when shortlisted.
+_C.TEST.RERANK_SHARED_PASS = True
 # Fusion weight: s_global + weight * s_rerank (CVNet: 0.5; Fig. S3).
 _C.TEST.RERANK_WEIGHT = 0.5
 # Re-ranker: cvnet (a CVNet-Rerank checkpoint) or gv (geometric verification with pydegensac).

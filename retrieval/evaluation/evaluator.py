@@ -20,6 +20,7 @@ from retrieval.data.gldv2_retrieval import SPLITS, load_gldv2_retrieval
 from retrieval.data.revisitop import R1M_NAME, ImageListDataset, load_revisitop, r1m_paths
 from retrieval.engine.distributed import is_main_process, resolve_device
 from retrieval.evaluation.extract import (
+    DenseTap,
     ExtractSettings,
     Features,
     config_hash,
@@ -32,7 +33,12 @@ from retrieval.evaluation.metrics import evaluate_revisitop, gldv2_map_at_k
 from retrieval.evaluation.query_expansion import alpha_database_augmentation, alpha_query_expansion
 from retrieval.evaluation.report import write_report
 from retrieval.evaluation.rerank import Reranker, evaluate_reranked, rerank_top_k
-from retrieval.evaluation.rerankers import MemoReranker, RerankContext, build_reranker
+from retrieval.evaluation.rerankers import (
+    MemoReranker,
+    RerankContext,
+    build_reranker,
+    shared_pass_tap,
+)
 from retrieval.evaluation.search import full_ranking, search
 from retrieval.modeling.memory_format import to_channels_last
 
@@ -62,6 +68,7 @@ def _extract(
     boxes: Sequence | None,
     out_dir: Path,
     shard_size: int = 0,
+    tap: DenseTap | None = None,
 ) -> Features:
     """Cached multi-scale descriptors of one (dataset, split) image list."""
     settings = ExtractSettings.from_cfg(cfg)
@@ -97,6 +104,7 @@ def _extract(
         cfg.TEST.CACHE_FEATURES,
         shard_size,
         desc=f"{split[0]} {split[1]}",
+        tap=tap,
     )
 
 
@@ -248,11 +256,7 @@ def evaluate_revisitop_set(
     q = _extract(
         cfg, model, device, (name, "query"), data.query_paths(), data.query_boxes(), out_dir
     )
-    x = _extract(cfg, model, device, (name, "db"), data.db_paths(), None, out_dir)
-    db, topn, extra = _with_distractors(cfg, model, device, x, out_dir)
-    rankings = _rankings(cfg, q.features, db, topn, device)
-    rows = {label: _strip(evaluate_revisitop(r, data.gnd)) for label, (r, _) in rankings.items()}
-    saved = {label: ranks for label, (ranks, _) in rankings.items()}
+    context, tap = None, None
     if len(cfg.TEST.RERANK_TOPK):
         db_paths = [*data.db_paths(), *(r1m_paths(cfg.DATA.ROOT) if cfg.TEST.R1M else [])]
         context = RerankContext(
@@ -265,6 +269,16 @@ def evaluate_revisitop_set(
             ExtractSettings.from_cfg(cfg),
             out_dir / "features",
         )
+        # the revisitop database only: R1M pyramids are built for shortlisted distractors alone
+        shared = shared_pass_tap(cfg, rerank_model, context)
+        if shared is not None:
+            tap, context = shared
+    x = _extract(cfg, model, device, (name, "db"), data.db_paths(), None, out_dir, tap=tap)
+    db, topn, extra = _with_distractors(cfg, model, device, x, out_dir)
+    rankings = _rankings(cfg, q.features, db, topn, device)
+    rows = {label: _strip(evaluate_revisitop(r, data.gnd)) for label, (r, _) in rankings.items()}
+    saved = {label: ranks for label, (ranks, _) in rankings.items()}
+    if context is not None:
         reranker = MemoReranker(build_reranker(cfg, rerank_model, context))
         rerank_rows, reranked = _rerank_rows(cfg, reranker, data.gnd, rankings)
         rows.update(rerank_rows)

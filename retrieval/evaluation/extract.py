@@ -11,6 +11,9 @@ torchrun each rank extracts a strided subset and every rank receives the gathere
 Weights fingerprint (fast, documented): ``size:mtime_ns:sha1(first MiB + last MiB)`` of the
 checkpoint file; a model without a weights file is fingerprinted by the sha1 of its state dict
 instead.
+
+A ``DenseTap`` hands backbone maps of one scale's pass to a second consumer, image by image (the
+re-ranker's database pyramids, retrieval/evaluation/rerankers.py), so they need no second pass.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +98,28 @@ class Features:
     upscaled: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class DenseTap:
+    """Capture ``names`` from ``backbone`` in the forward at ``scales[scale_index]`` and pass them,
+    as a list of (1, C, h, w) maps, to ``consume(dataset index, maps)`` after that forward."""
+
+    backbone: nn.Module
+    names: tuple[str, ...]
+    scale_index: int
+    consume: Callable[[int, list[torch.Tensor]], None]
+
+
+@contextlib.contextmanager
+def _tapping(tap: DenseTap | None, scale_index: int, index: int) -> Iterator[None]:
+    """Run the enclosed forward with the tap's capture when it is the tapped scale."""
+    if tap is None or scale_index != tap.scale_index:
+        yield
+        return
+    with tap.backbone.capture(tap.names) as maps:
+        yield
+    tap.consume(index, [maps[name] for name in tap.names])
+
+
 def file_fingerprint(path: str | os.PathLike) -> str:
     """Fast file fingerprint: size, mtime and sha1 of the first and last MiB."""
     path = Path(path)
@@ -141,17 +166,22 @@ def multiscale_descriptor(
     tensors: Sequence[torch.Tensor],
     device: torch.device,
     settings: ExtractSettings,
+    tap: DenseTap | None = None,
+    index: int = -1,
 ) -> torch.Tensor:
-    """L2(mean_s L2(model(x_s))) over the per-scale (3, H_s, W_s) tensors -> (D,) float32."""
+    """L2(mean_s L2(model(x_s))) over the per-scale (3, H_s, W_s) tensors -> (D,) float32.
+
+    ``tap`` (with the image's dataset ``index``) receives the captured maps of its scale."""
     memory_format = (
         torch.channels_last if settings.channels_last and device.type == "cuda" else None
     )
     descriptors = []
-    for tensor in tensors:
+    for scale_index, tensor in enumerate(tensors):
         batch = tensor.unsqueeze(0).to(device)  # (3, H, W) -> (1, 3, H, W)
         if memory_format is not None:
             batch = batch.contiguous(memory_format=memory_format)
-        with _autocast(device, settings.amp):
+        # the tap consumes after autocast has ended
+        with _tapping(tap, scale_index, index), _autocast(device, settings.amp):
             out = model(batch)
         descriptors.append(nn.functional.normalize(out.float(), dim=1))  # (1, D)
     mean = torch.cat(descriptors).mean(dim=0)  # (S, D) -> (D,)
@@ -165,6 +195,7 @@ def _extract_local(
     device: torch.device,
     settings: ExtractSettings,
     desc: str,
+    tap: DenseTap | None = None,
 ) -> dict:
     """Descriptors of ``indices`` here: {'rows': {index: (D,)}, 'skipped', 'upscaled'}."""
     loader = DataLoader(
@@ -181,9 +212,10 @@ def _extract_local(
                     skipped.append(item.index)
                     continue
                 upscaled += [item.index] if item.upscaled else []
-                rows[item.index] = (
-                    multiscale_descriptor(model, item.images, device, settings).cpu().numpy()
+                descriptor = multiscale_descriptor(
+                    model, item.images, device, settings, tap, item.index
                 )
+                rows[item.index] = descriptor.cpu().numpy()
     return {"rows": rows, "skipped": skipped, "upscaled": upscaled}
 
 
@@ -194,13 +226,14 @@ def extract_descriptors(
     settings: ExtractSettings,
     indices: Sequence[int] | None = None,
     desc: str = "extract",
+    tap: DenseTap | None = None,
 ) -> Features:
     """Descriptors of ``indices`` (default all) in order; strided over ranks, gathered."""
     indices = list(range(len(dataset))) if indices is None else list(indices)
     model.eval()
     parts = all_gather(
         _extract_local(
-            model, dataset, indices[get_rank() :: get_world_size()], device, settings, desc
+            model, dataset, indices[get_rank() :: get_world_size()], device, settings, desc, tap
         )
     )
     rows = {i: row for part in parts for i, row in part["rows"].items()}
@@ -281,21 +314,23 @@ def extract_features(
     reuse: bool = True,
     shard_size: int = 0,
     desc: str = "extract",
+    tap: DenseTap | None = None,
 ) -> Features:
-    """Cached descriptors of a dataset; shard_size > 0 extracts (and resumes) by shard."""
+    """Cached descriptors of a dataset; shard_size > 0 extracts (and resumes) by shard. ``tap``
+    sees only the images extracted now, none when the descriptors come from the cache."""
     stem, n = Path(stem), len(dataset)
     if shard_size <= 0 or n <= shard_size:
         return _cached(
             stem,
             key,
             reuse,
-            lambda: extract_descriptors(model, dataset, device, settings, desc=desc),
+            lambda: extract_descriptors(model, dataset, device, settings, desc=desc, tap=tap),
         )
 
     def compute_shard(start: int) -> Features:
         indices = range(start, min(start + shard_size, n))
         return extract_descriptors(
-            model, dataset, device, settings, indices, f"{desc} [{start}:{n}]"
+            model, dataset, device, settings, indices, f"{desc} [{start}:{n}]", tap
         )
 
     def compute_all() -> Features:

@@ -3,11 +3,16 @@
 ``cvnet``: cvnet/reranker.py (CVNetReranker with the cvnet/cache.py pyramid cache); ``gv``:
 geometric verification of retrieval/evaluation/geometric.py (``build_gv_reranker``). Modules are
 imported lazily; a missing one gives an error naming it and the config key.
+
+``shared_pass_tap`` (TEST.RERANK_SHARED_PASS) fills the CVNet pyramid cache during the global
+extraction of the database, so the re-ranker runs no backbone pass of its own on database images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +23,10 @@ import torch
 from torch import nn
 
 from retrieval.data.revisitop import ImageListDataset
-from retrieval.evaluation.extract import AMP_DTYPES, ExtractSettings
+from retrieval.evaluation.extract import AMP_DTYPES, DenseTap, ExtractSettings
 from retrieval.evaluation.rerank import Reranker
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,8 @@ class RerankContext:
     device: torch.device
     settings: ExtractSettings
     cache_dir: Path
+    # CVNet pyramid cache already filled by the shared extraction pass (shared_pass_tap), or None
+    pyramids: object | None = None
 
     def images(self, scales: tuple[float, ...] | None) -> tuple[ImageListDataset, ImageListDataset]:
         """(queries cropped, database full) image sets at ``scales`` (None: raw BGR images)."""
@@ -62,21 +71,11 @@ def _cvnet_reranker(cfg, rerank_model: nn.Module | None, context: RerankContext)
             "TEST.RERANKER='cvnet' needs a CVNet-Rerank model: set TEST.RERANK_WEIGHTS or "
             "evaluate a MODEL.ARCH=cvnet_rerank checkpoint"
         )
-    cache_module = import_reranker_module(cfg, "cvnet.cache")
     reranker_module = import_reranker_module(cfg, "cvnet.reranker")
     queries, database = context.images((1.0,))
-    # One directory per storage dtype: table rows that only differ in TEST.RERANK_CACHE_DTYPE share
-    # a model's feature folder. A cache left by another model is rebuilt with a warning, as stale
-    # global features are re-extracted.
-    dtype = cfg.TEST.RERANK_CACHE_DTYPE
-    directory = context.cache_dir / f"pyramids_{context.name}_{dtype}"
-    cache = cache_module.build_pyramid_cache(
-        cfg,
-        rerank_model,
-        directory if cfg.TEST.CACHE_FEATURES else None,
-        context.name,
-        rebuild=True,
-    )
+    cache = context.pyramids
+    if cache is None:
+        cache = _pyramid_cache(cfg, rerank_model, context)
     # TEST.AMP: CUDA autocast; on the CPU only bf16 (fast there, fp16 is not), and only for the
     # scoring: global extraction stays fp32 on the CPU.
     amp = AMP_DTYPES[context.settings.amp]
@@ -89,6 +88,69 @@ def _cvnet_reranker(cfg, rerank_model: nn.Module | None, context: RerankContext)
         context.device,
         amp_dtype=amp,
     )
+
+
+def _pyramid_cache(cfg, rerank_model: nn.Module, context: RerankContext):
+    """The PyramidCache of the database of ``context``: on disk with TEST.CACHE_FEATURES."""
+    cache_module = import_reranker_module(cfg, "cvnet.cache")
+    # One directory per storage dtype: table rows that only differ in TEST.RERANK_CACHE_DTYPE share
+    # a model's feature folder. A cache left by another model is rebuilt with a warning, as stale
+    # global features are re-extracted.
+    dtype = cfg.TEST.RERANK_CACHE_DTYPE
+    directory = context.cache_dir / f"pyramids_{context.name}_{dtype}"
+    return cache_module.build_pyramid_cache(
+        cfg,
+        rerank_model,
+        directory if cfg.TEST.CACHE_FEATURES else None,
+        context.name,
+        rebuild=True,
+    )
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two modules hold equal state dicts (same keys, shapes and values)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa
+    )
+
+
+def _shared_pass_obstacle(cfg, rerank_model: nn.Module | None, context: RerankContext) -> str:
+    """Why the database pyramids cannot come from the global extraction pass ("" when they can)."""
+    if not cfg.TEST.RERANK_SHARED_PASS:
+        return "TEST.RERANK_SHARED_PASS is off"
+    if cfg.TEST.RERANKER != "cvnet" or rerank_model is None:
+        return "the re-ranker is not CVNet-Rerank"
+    if not cfg.TEST.CACHE_FEATURES:
+        return "TEST.CACHE_FEATURES is off (pyramids of every database image would stay in memory)"
+    if 1.0 not in context.settings.scales:
+        return f"TEST.SCALES {list(context.settings.scales)} has no scale 1.0"
+    if context.device.type == "cuda" and context.settings.amp != "off":
+        return f"extraction runs in TEST.AMP {context.settings.amp} (pyramids are built in fp32)"
+    backbone = getattr(context.model, "backbone", None)
+    if backbone is None or not _same_weights(backbone, rerank_model.encoder.backbone):
+        return "the global model's backbone differs from the re-ranker's"
+    return ""
+
+
+def shared_pass_tap(
+    cfg, rerank_model: nn.Module | None, context: RerankContext
+) -> tuple[DenseTap, RerankContext] | None:
+    """(tap for the database extraction, context holding the cache it fills), or None (logged)."""
+    obstacle = _shared_pass_obstacle(cfg, rerank_model, context)
+    if obstacle:
+        logger.info("re-rank pyramids are built when first shortlisted: %s", obstacle)
+        return None
+    model = rerank_model.to(context.device).eval()
+    cache = _pyramid_cache(cfg, model, context)
+
+    def consume(index: int, maps: list[torch.Tensor]) -> None:
+        if index not in cache:
+            cache.put(index, model.build_pyramid([m.float() for m in maps]))
+
+    scale_index = context.settings.scales.index(1.0)
+    tap = DenseTap(context.model.backbone, model.feature_names, scale_index, consume)
+    return tap, dataclasses.replace(context, pyramids=cache)
 
 
 def _gv_reranker(cfg, rerank_model: nn.Module | None, context: RerankContext) -> Reranker:

@@ -4,10 +4,15 @@ Feature names follow detectron2: ``res2``..``res5`` are the outputs of torchvisi
 ``layer1``..``layer4`` (pycls ``s1``..``s4``), and ``res4_prerelu`` is the output of the last
 block of ``layer3`` *before* its final ReLU, the dense feature CVNet-Rerank correlates
 (spec/cvnet.md §3.1).
+
+``capture`` lets one forward pass feed a second consumer: the evaluation captures CVNet-Rerank's
+dense map inside the scale-1 pass of the global extraction instead of running the backbone again.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +49,13 @@ def _block_forward_prerelu(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return block.bn2(block.conv2(out)) + identity
 
 
+def _check_names(names: tuple[str, ...]) -> None:
+    """KeyError naming unknown feature names and the allowed ones."""
+    unknown = set(names) - set(FEATURE_NAMES)
+    if unknown:
+        raise KeyError(f"unknown backbone features {sorted(unknown)}; allowed: {FEATURE_NAMES}")
+
+
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet without pooling/classifier that returns the requested stage outputs."""
 
@@ -63,6 +75,8 @@ class ResNetBackbone(nn.Module):
             net.layer3,
             net.layer4,
         )
+        # (extra feature names, where to store them) while ``capture`` is active
+        self._capture: tuple[tuple[str, ...], dict[str, torch.Tensor]] = ((), {})
         width = 64 * block.expansion
         self._shapes = {
             "res2": ShapeSpec(width, 4),
@@ -76,13 +90,30 @@ class ResNetBackbone(nn.Module):
         """Channels and stride of every feature this backbone can return."""
         return dict(self._shapes)
 
+    @contextlib.contextmanager
+    def capture(self, names: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        """While active, every forward also computes ``names``; the yielded dict holds them (of
+        the latest forward). The forward's own outputs are unchanged."""
+        _check_names(names)
+        store: dict[str, torch.Tensor] = {}
+        previous, self._capture = self._capture, (tuple(names), store)
+        try:
+            yield store
+        finally:
+            self._capture = previous
+
     def forward(
         self, x: torch.Tensor, out_features: tuple[str, ...] = ("res5",)
     ) -> dict[str, torch.Tensor]:
         """Compute the stages needed for ``out_features`` only and return them by name."""
-        unknown = set(out_features) - set(FEATURE_NAMES)
-        if unknown:
-            raise KeyError(f"unknown backbone features {sorted(unknown)}; allowed: {FEATURE_NAMES}")
+        _check_names(out_features)
+        captured, store = self._capture
+        feats = self._features(x, tuple(dict.fromkeys(out_features + captured)))
+        store.update({name: feats[name] for name in captured})
+        return {name: feats[name] for name in out_features}
+
+    def _features(self, x: torch.Tensor, out_features: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The stages up to the deepest of ``out_features`` (res4_prerelu on request)."""
         last = max(STAGE_NAMES.index(name.replace("_prerelu", "")) for name in out_features)
         feats: dict[str, torch.Tensor] = {}
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 3, H, W) -> (B, 64, H/4, W/4)
@@ -96,7 +127,7 @@ class ResNetBackbone(nn.Module):
             else:
                 x = stage(x)
             feats[name] = x
-        return {name: feats[name] for name in out_features}
+        return feats
 
     def stages(self) -> tuple[nn.Sequential, ...]:
         """The four residual stages, res2..res5."""
