@@ -2,9 +2,8 @@
 
   python tools/config_reference.py [--check]
 
-The comments are read from retrieval/config/defaults.py (the line above each key), so the reference
-cannot
-drift from the code; --check exits non-zero when the committed file is out of date.
+The comments are read from retrieval/config/defaults.py (the comment lines above each key), so the
+reference cannot drift from the code; --check exits non-zero when the committed file is out of date.
 """
 
 from __future__ import annotations
@@ -34,8 +33,16 @@ def _statement(lines: list[str], index: int) -> str:
     return text
 
 
+def _comment_above(lines: list[str], index: int) -> str:
+    """The comment lines directly above line ``index`` joined (section rulers excluded)."""
+    start = index
+    while start > 0 and lines[start - 1].startswith("#") and "# --" not in lines[start - 1]:
+        start -= 1
+    return " ".join(line.lstrip("# ").strip() for line in lines[start:index])
+
+
 def comments() -> dict[str, str]:
-    """Full key -> the comment line above its declaration in defaults.py."""
+    """Full key -> the comment block above its declaration in defaults.py."""
     lines = (ROOT / "retrieval/config/defaults.py").read_text().splitlines()
     found = {}
     for index, line in enumerate(lines):
@@ -44,9 +51,9 @@ def comments() -> dict[str, str]:
             if line.startswith(("_C.", "_choice("))
             else None
         )
-        if match and lines[index - 1].startswith("#"):
+        if match and _comment_above(lines, index):
             key = match.group(1) or ".".join(p for p in (match.group(2), match.group(3)) if p)
-            found[key] = lines[index - 1].lstrip("# ").strip()
+            found[key] = _comment_above(lines, index)
     return found
 
 
