@@ -115,12 +115,10 @@ def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     )
 
 
-def _shared_pass_obstacle(cfg, rerank_model: nn.Module | None, context: RerankContext) -> str:
+def _shared_pass_obstacle(cfg, rerank_model: nn.Module, context: RerankContext) -> str:
     """Why the database pyramids cannot come from the global extraction pass ("" when they can)."""
     if not cfg.TEST.RERANK_SHARED_PASS:
         return "TEST.RERANK_SHARED_PASS is off"
-    if cfg.TEST.RERANKER != "cvnet" or rerank_model is None:
-        return "the re-ranker is not CVNet-Rerank"
     if not cfg.TEST.CACHE_FEATURES:
         return "TEST.CACHE_FEATURES is off (pyramids of every database image would stay in memory)"
     if 1.0 not in context.settings.scales:
@@ -136,7 +134,10 @@ def _shared_pass_obstacle(cfg, rerank_model: nn.Module | None, context: RerankCo
 def shared_pass_tap(
     cfg, rerank_model: nn.Module | None, context: RerankContext
 ) -> tuple[DenseTap, RerankContext] | None:
-    """(tap for the database extraction, context holding the cache it fills), or None (logged)."""
+    """(tap for the database extraction, context holding the cache it fills), or None (the reason
+    is logged when the re-ranker is CVNet-Rerank)."""
+    if cfg.TEST.RERANKER != "cvnet" or rerank_model is None:
+        return None
     obstacle = _shared_pass_obstacle(cfg, rerank_model, context)
     if obstacle:
         logger.info("re-rank pyramids are built when first shortlisted: %s", obstacle)
