@@ -8,13 +8,7 @@ import torch
 from gldv2_fixtures import write_gldv2
 from torch.utils.data import DataLoader
 
-from retrieval.data.augment import (
-    TrainAugment,
-    color_jitter,
-    random_crop_box,
-    rotate_hue,
-    to_grey,
-)
+from retrieval.data.augment import TrainAugment, color_jitter, random_crop_box
 from retrieval.data.gldv2 import GLDv2FormatError, GLDv2Train, image_path, read_train_csv
 from retrieval.data.image_io import ImageReadError, read_image
 from retrieval.data.samplers import TrainSampler, class_groups
@@ -116,24 +110,6 @@ def test_color_jitter_zero_is_identity_and_flip():
     )
     expected = to_tensor(np.ascontiguousarray(image[:, ::-1]), "BGR")
     assert torch.allclose(augment(image, rng), expected)
-
-
-def test_hue_rotation_and_greyscale():
-    # pure BGR blue (hue 120 in OpenCV's [0, 180)) turns green (60) at -1/3 and red (0) at +1/3
-    blue = np.zeros((4, 4, 3), np.uint8)
-    blue[..., 0] = 255
-    assert rotate_hue(blue, -1 / 3)[0, 0].tolist() == [0, 255, 0]
-    assert rotate_hue(blue, 1 / 3)[0, 0].tolist() == [0, 0, 255]
-    assert np.array_equal(rotate_hue(blue, 0.0), blue)
-    grey = to_grey(np.array([[[10, 200, 41]]], np.uint8))
-    assert grey.shape == (1, 1, 3) and len(set(grey.ravel().tolist())) == 1
-    assert grey[0, 0, 0] == round(0.114 * 10 + 0.587 * 200 + 0.299 * 41)
-    always_grey = TrainAugment(4, (1.0, 1.0), (1.0, 1.0), 0.0, 0.0, grey=1.0)
-    rng = np.random.default_rng(0)
-    out = always_grey(rng.integers(0, 256, (4, 4, 3), np.uint8), rng)
-    assert torch.allclose(out[0] * 0.225 + 0.406, out[2] * 0.229 + 0.485, atol=1e-6)  # B == R
-    with pytest.raises(ValueError, match="hue"):
-        TrainAugment(4, hue=0.7)
 
 
 def test_sampler_shards_equal_single_process_batches():

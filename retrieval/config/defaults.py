@@ -149,10 +149,6 @@ _C.TRAIN.AUG.CROP_SCALE = [0.2, 1.0]
 _C.TRAIN.AUG.CROP_RATIO = [0.75, 1.3333]
 # Strength of brightness/contrast/saturation jitter (0 = off).
 _C.TRAIN.AUG.COLOR_JITTER = 0.2
-# Hue rotation uniform in [-HUE, HUE] of the colour circle (0 = off, at most 0.5).
-_C.TRAIN.AUG.HUE = 0.0
-# Probability of a greyscale image.
-_C.TRAIN.AUG.GREYSCALE = 0.0
 # Probability of a horizontal flip.
 _C.TRAIN.AUG.HFLIP = 0.5
 

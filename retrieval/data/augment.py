@@ -1,5 +1,4 @@
-"""Training augmentation of cv2 BGR uint8 images: random resized crop, colour jitter, hue
-rotation, greyscale, flip.
+"""Training augmentation of cv2 BGR uint8 images: random resized crop, colour jitter, flip.
 
 Every random draw comes from the numpy Generator passed in (seeded by the dataset from seed, epoch
 and sample index), so a resumed run sees exactly the augmentations of an uninterrupted one. The crop
@@ -61,24 +60,8 @@ def color_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -
     return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 
 
-def rotate_hue(image: np.ndarray, fraction: float) -> np.ndarray:
-    """Shift the hue of a BGR uint8 image by ``fraction`` of the colour circle (wraps around)."""
-    hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)  # OpenCV hue in [0, 180)
-    shift = int(round(fraction * 180))
-    hsv[:, :, 0] = ((hsv[:, :, 0].astype(np.int32) + shift) % 180).astype(np.uint8)
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
-
-
-def to_grey(image: np.ndarray) -> np.ndarray:
-    """The luma of a BGR uint8 image in all three channels."""
-    grey = image.astype(np.float32) @ _LUMA_BGR
-    return np.repeat(np.clip(grey + 0.5, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
-
-
 class TrainAugment:
-    """Random resized crop, colour jitter, hue rotation, greyscale, flip, to_tensor: (H, W, 3)
-    uint8 -> (3, S, S) float. ``hue``: rotation uniform in [-hue, hue] of the colour circle;
-    ``grey``: probability of a greyscale image."""
+    """Random resized crop, colour jitter, flip, to_tensor: (H, W, 3) uint8 -> (3, S, S) float."""
 
     def __init__(
         self,
@@ -88,8 +71,6 @@ class TrainAugment:
         color_jitter: float = 0.2,
         hflip: float = 0.5,
         input_format: str = "BGR",
-        hue: float = 0.0,
-        grey: float = 0.0,
     ) -> None:
         if (
             size < 1
@@ -99,11 +80,8 @@ class TrainAugment:
             raise ValueError(
                 f"TrainAugment: bad size={size}, crop_scale={crop_scale} or crop_ratio={crop_ratio}"
             )
-        if not (0 <= hue <= 0.5 and 0 <= grey <= 1):
-            raise ValueError(f"TrainAugment: hue={hue} must be in [0, 0.5], grey={grey} in [0, 1]")
         self.size, self.crop_scale, self.crop_ratio = size, tuple(crop_scale), tuple(crop_ratio)
         self.jitter, self.hflip, self.input_format = color_jitter, hflip, input_format
-        self.hue, self.grey = hue, grey
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         """Augment one BGR uint8 image with draws from ``rng``."""
@@ -112,10 +90,6 @@ class TrainAugment:
         crop = cv2.resize(crop, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
         if self.jitter > 0:
             crop = color_jitter(crop, self.jitter, rng)
-        if self.hue > 0:
-            crop = rotate_hue(crop, rng.uniform(-self.hue, self.hue))
-        if self.grey > 0 and rng.random() < self.grey:
-            crop = to_grey(crop)
         if rng.random() < self.hflip:
             crop = crop[:, ::-1]
         return to_tensor(np.ascontiguousarray(crop), self.input_format)
@@ -131,6 +105,4 @@ def build_train_augment(cfg: CfgNode) -> TrainAugment:
         aug.COLOR_JITTER,
         aug.HFLIP,
         cfg.MODEL.INPUT_FORMAT,
-        aug.HUE,
-        aug.GREYSCALE,
     )
