@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from retrieval.data.revisitop import ImageListDataset
-from retrieval.evaluation.extract import AMP_DTYPES, DenseTap, ExtractSettings
+from retrieval.evaluation.extract import AMP_DTYPES, DenseTap, ExtractSettings, state_fingerprint
 from retrieval.evaluation.rerank import Reranker
 
 logger = logging.getLogger(__name__)
@@ -107,14 +107,6 @@ def _pyramid_cache(cfg, rerank_model: nn.Module, context: RerankContext):
     )
 
 
-def _same_weights(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two modules hold equal state dicts (same keys, shapes and values)."""
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(
-        sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa
-    )
-
-
 def _shared_pass_obstacle(cfg, rerank_model: nn.Module, context: RerankContext) -> str:
     """Why the database pyramids cannot come from the global extraction pass ("" when they can)."""
     if not cfg.TEST.RERANK_SHARED_PASS:
@@ -126,7 +118,8 @@ def _shared_pass_obstacle(cfg, rerank_model: nn.Module, context: RerankContext) 
     if context.device.type == "cuda" and context.settings.amp != "off":
         return f"extraction runs in TEST.AMP {context.settings.amp} (pyramids are built in fp32)"
     backbone = getattr(context.model, "backbone", None)
-    if backbone is None or not _same_weights(backbone, rerank_model.encoder.backbone):
+    reranker_weights = state_fingerprint(rerank_model.encoder.backbone)
+    if backbone is None or state_fingerprint(backbone) != reranker_weights:
         return "the global model's backbone differs from the re-ranker's"
     return ""
 
