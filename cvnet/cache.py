@@ -6,11 +6,12 @@ before storage, and the integer codecs quantize each location symmetrically on i
 round(v / max|v| * q_max)) and re-normalise on load, which needs no stored scale. int4 codes (-7..7)
 are packed two per byte.
 
-Storage is in memory, or on disk as one file per image (``<dir>/items/<index // 10000>/<index>.pt``,
-written atomically) next to ``<dir>/cache_meta.json``. The metadata (model fingerprint, C', scales,
-dtype, feature layer, dataset) is checked when the cache is opened and inside every item, so an
-inconsistent or corrupt cache either raises ``CacheError`` or, with ``rebuild=True``, is discarded
-and recomputed; it is never silently reused.
+Storage is in memory, or on disk as one file per image (``<dir>/items/<index // 10000>/<index>.pt``)
+next to ``<dir>/cache_meta.json``. Items are written atomically by a background thread, so the
+caller's device work overlaps the disk writes; an item still being written is served from memory.
+The metadata (model fingerprint, C', scales, dtype, feature layer, dataset) is checked when the
+cache is opened and inside every item, so an inconsistent or corrupt cache either raises
+``CacheError`` or, with ``rebuild=True``, is discarded and recomputed; it is never silently reused.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import os
 import pickle
 import shutil
 import zipfile
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -38,6 +41,8 @@ ITEMS_DIR = "items"
 # Items per sub-folder of ITEMS_DIR (keeps folders small for +R1M shortlists).
 ITEMS_PER_FOLDER = 10000
 FORMAT_VERSION = 1
+# Items queued for the writer thread before put() waits (bounds the codes held in memory).
+WRITE_BEHIND = 32
 
 
 class CacheError(RuntimeError):
@@ -157,6 +162,10 @@ class PyramidCache:
         self.directory = None if directory is None else Path(directory)
         self.rebuild = rebuild
         self._memory: dict[int, list[torch.Tensor]] = {}
+        # directory mode: items queued for writing (served from here until written), oldest first
+        self._pending: dict[int, list[torch.Tensor]] = {}
+        self._writes: deque[tuple[int, list[torch.Tensor], Future]] = deque()
+        self._writer: ThreadPoolExecutor | None = None
         if self.directory is not None:
             self._open_directory()
 
@@ -204,12 +213,25 @@ class PyramidCache:
     def __contains__(self, index: int) -> bool:
         if self.directory is None:
             return index in self._memory
-        return self._item_path(index).is_file()
+        return index in self._pending or self._item_path(index).is_file()
 
     def __len__(self) -> int:
         if self.directory is None:
             return len(self._memory)
+        self.flush()
         return sum(1 for _ in (self.directory / ITEMS_DIR).glob("*/*.pt"))
+
+    def flush(self) -> None:
+        """Wait until every queued item is on disk; a failed write raises here."""
+        while self._writes:
+            self._finish_oldest_write()
+
+    def _finish_oldest_write(self) -> None:
+        index, codes, write = self._writes.popleft()
+        write.result()
+        # the file exists before the entry goes, so a concurrent get() always finds one of them
+        if self._pending.get(index) is codes:
+            del self._pending[index]
 
     def put(self, index: int, levels: Sequence[torch.Tensor]) -> None:
         """Store the pyramid of one image: levels (1, C', h_i, w_i) (or (C', h_i, w_i))."""
@@ -218,11 +240,20 @@ class PyramidCache:
             self._memory[index] = codes
             return
         item = {"digest": self._digest, "channels": self.meta.compress_dim, "levels": codes}
-        _atomic_save(item, self._item_path(index))
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="pyramid-write")
+        self._pending[index] = codes
+        self._writes.append(
+            (index, codes, self._writer.submit(_atomic_save, item, self._item_path(index)))
+        )
+        while len(self._writes) > WRITE_BEHIND:
+            self._finish_oldest_write()
 
     def get(self, index: int, device: torch.device | str = "cpu") -> list[torch.Tensor] | None:
         """The pyramid as float32 unit vectors (1, C', h_i, w_i) on ``device``; None if absent."""
-        codes = self._memory.get(index) if self.directory is None else self._load_item(index)
+        codes = self._memory.get(index) if self.directory is None else self._pending.get(index)
+        if codes is None and self.directory is not None:
+            codes = self._load_item(index)
         if codes is None:
             return None
         channels = self.meta.compress_dim

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -281,6 +282,7 @@ def test_disk_cache_checks_metadata_and_items(tmp_path):
 def test_corrupt_or_foreign_items_raise_or_are_recomputed(tmp_path):
     cache = PyramidCache(fake_meta(), tmp_path)
     cache.put(3, [torch.randn(1, 4, 2, 3), torch.randn(1, 4, 4, 5)])
+    cache.flush()
     path = cache._item_path(3)
     path.write_bytes(path.read_bytes()[:50])  # truncated
     with pytest.raises(CacheError, match="unreadable"):
@@ -288,10 +290,38 @@ def test_corrupt_or_foreign_items_raise_or_are_recomputed(tmp_path):
     assert PyramidCache(fake_meta(), tmp_path, rebuild=True).get(3) is None and not path.exists()
     other = PyramidCache(fake_meta(dataset="rparis6k"), tmp_path / "other")
     other.put(3, [torch.randn(1, 4, 2, 3), torch.randn(1, 4, 4, 5)])
+    other.flush()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(other._item_path(3).read_bytes())  # an item of another configuration
     with pytest.raises(CacheError, match="another cache configuration"):
         cache.get(3)
+
+
+def test_items_being_written_are_served_from_memory_and_write_errors_surface(tmp_path, monkeypatch):
+    import cvnet.cache as cache_module
+
+    levels = [torch.randn(1, 4, 2, 3), torch.randn(1, 4, 4, 5)]
+    release = threading.Event()
+    save = cache_module._atomic_save
+    monkeypatch.setattr(cache_module, "_atomic_save", lambda *a: release.wait() and save(*a))
+    cache = PyramidCache(fake_meta(), tmp_path)
+    cache.put(0, levels)
+    assert 0 in cache and not cache._item_path(0).exists()  # the writer is held back
+    pending = cache.get(0)
+    release.set()
+    cache.flush()
+    assert cache._item_path(0).is_file() and not cache._pending
+    for a, b in zip(pending, cache.get(0)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(cache) == 1
+
+    def full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_module, "_atomic_save", full)
+    cache.put(1, levels)
+    with pytest.raises(OSError, match="No space left"):
+        cache.flush()
 
 
 def test_model_fingerprint_tracks_pyramid_weights_only():

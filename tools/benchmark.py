@@ -1,10 +1,10 @@
 """Run a benchmark and write its results file.
 
-  python tools/benchmark.py NAME [benchmark flags]     NAME in: eval-metrics, search, rerank, train
+  python tools/benchmark.py NAME [benchmark flags]
+  NAME in: eval-metrics, search, rerank, rerank-eval, train
 
 Each benchmark lives in retrieval/benchmarks/<name>.py and returns a dict; it is printed and written
-to
-docs/benchmarks/<name>.json (override with --out) together with the command line and the machine.
+to docs/benchmarks/<name>.json (override with --out) together with the command line and the machine.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BENCHMARKS = ("eval-metrics", "search", "rerank", "train")
+BENCHMARKS = ("eval-metrics", "search", "rerank", "rerank-eval", "train")
 
 
 def machine() -> dict:

@@ -9,7 +9,10 @@ retrieved). 'gldv2' gives mAP@100 on the Public and Private splits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +246,26 @@ def _rankings(
     return rankings
 
 
+@contextlib.contextmanager
+def _timed(seconds: dict, phase: str) -> Iterator[None]:
+    """Add the enclosed block's wall time to seconds[phase] (every phase ends in numpy arrays, so
+    no device synchronisation is needed)."""
+    start = time.perf_counter()
+    yield
+    seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _timed_tap(tap: DenseTap, seconds: dict, phase: str) -> DenseTap:
+    """``tap`` whose consumer's wall time goes to seconds[phase] (the pyramids are stored on the
+    host, which synchronises the device)."""
+
+    def consume(index: int, maps: list[torch.Tensor]) -> None:
+        with _timed(seconds, phase):
+            tap.consume(index, maps)
+
+    return dataclasses.replace(tap, consume=consume)
+
+
 def evaluate_revisitop_set(
     cfg,
     model: nn.Module,
@@ -253,9 +276,11 @@ def evaluate_revisitop_set(
 ) -> dict:
     """All rows of one revisitop test set (optionally +R1M)."""
     data = load_revisitop(cfg.DATA.ROOT, name)
-    q = _extract(
-        cfg, model, device, (name, "query"), data.query_paths(), data.query_boxes(), out_dir
-    )
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "extract_query"):
+        q = _extract(
+            cfg, model, device, (name, "query"), data.query_paths(), data.query_boxes(), out_dir
+        )
     context, tap = None, None
     if len(cfg.TEST.RERANK_TOPK):
         db_paths = [*data.db_paths(), *(r1m_paths(cfg.DATA.ROOT) if cfg.TEST.R1M else [])]
@@ -273,14 +298,22 @@ def evaluate_revisitop_set(
         shared = shared_pass_tap(cfg, rerank_model, context)
         if shared is not None:
             tap, context = shared
-    x = _extract(cfg, model, device, (name, "db"), data.db_paths(), None, out_dir, tap=tap)
-    db, topn, extra = _with_distractors(cfg, model, device, x, out_dir)
-    rankings = _rankings(cfg, q.features, db, topn, device)
+            tap = _timed_tap(tap, seconds, "extract_db_rerank_pyramids")
+    with _timed(seconds, "extract_db"):  # with the shared pass: the database pyramids too
+        x = _extract(cfg, model, device, (name, "db"), data.db_paths(), None, out_dir, tap=tap)
+        if tap is not None:
+            with _timed(seconds, "extract_db_rerank_pyramids"):
+                context.pyramids.flush()  # the last queued writes; a failed one raises here
+        db, topn, extra = _with_distractors(cfg, model, device, x, out_dir)
+    with _timed(seconds, "search"):
+        rankings = _rankings(cfg, q.features, db, topn, device)
     rows = {label: _strip(evaluate_revisitop(r, data.gnd)) for label, (r, _) in rankings.items()}
     saved = {label: ranks for label, (ranks, _) in rankings.items()}
     if context is not None:
-        reranker = MemoReranker(build_reranker(cfg, rerank_model, context))
-        rerank_rows, reranked = _rerank_rows(cfg, reranker, data.gnd, rankings)
+        with _timed(seconds, "rerank"):
+            reranker = MemoReranker(build_reranker(cfg, rerank_model, context))
+            rerank_rows, reranked = _rerank_rows(cfg, reranker, data.gnd, rankings)
+        extra["rerank_pairs"] = reranker.pairs_scored()
         rows.update(rerank_rows)
         saved.update(reranked)
     if is_main_process():
@@ -294,6 +327,9 @@ def evaluate_revisitop_set(
         "skipped": len(q.skipped) + len(x.skipped),
         "upscaled": len(q.upscaled) + len(x.upscaled),
         **extra,
+        # wall seconds per phase: 'extract_db' includes 'extract_db_rerank_pyramids' (the shared
+        # pass) and the R1M extraction; 'rerank' includes the pyramids of the lazy path
+        "seconds": seconds,
     }
 
 

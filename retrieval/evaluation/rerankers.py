@@ -182,3 +182,7 @@ class MemoReranker:
             scores = np.asarray(self.reranker.score(query_index, todo)).tolist()
             known.update(zip(todo.tolist(), scores))
         return np.array([known[int(i)] for i in db_indices], dtype=np.float64)
+
+    def pairs_scored(self) -> int:
+        """Distinct (query, database image) pairs scored so far."""
+        return sum(len(known) for known in self.memo.values())
