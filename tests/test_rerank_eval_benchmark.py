@@ -5,7 +5,9 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from retrieval.benchmarks.rerank_eval import run, subset_gnd
+import cv2
+
+from retrieval.benchmarks.rerank_eval import make_standin, parse_args, run, subset_gnd
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -53,3 +55,27 @@ def test_quick_run_times_every_phase_and_the_shared_pass_equals_the_lazy_path(tm
     assert runs["shared_cold"]["cache_bytes"] > runs["lazy_cold"]["cache_bytes"]
     assert out["rerank_cold_s"] == cold["rerank"] + cold["extract_db_rerank_pyramids"]
     assert out["standin"]["db_images"] == 12 and not (tmp_path / "w" / "data").exists()
+
+
+def test_standin_images_have_the_real_sizes_and_hold_the_query_boxes(tmp_path) -> None:
+    args = parse_args(
+        [
+            *("--gnd", str(DATA_DIR / "gnd_roxford5k.pkl"), "--sizes-dir", str(DATA_DIR)),
+            *("--work", str(tmp_path), "--queries", "3", "--db-images", "8"),
+            *("--size-divisor", "8", "--workers", "1"),
+        ]
+    )
+    name, facts = make_standin(args, tmp_path)
+    gnd = pickle.loads((tmp_path / name / f"gnd_{name}.pkl").read_bytes())
+    sizes = {
+        line.split(",")[0]: tuple(int(v) // 8 for v in line.split(",")[2:])
+        for line in (DATA_DIR / "roxford5k_gallery_sizes.txt").read_text().split()
+    }
+    for image in gnd["imlist"]:
+        height, width = cv2.imread(str(tmp_path / name / "jpg" / f"{image}.jpg")).shape[:2]
+        assert (width, height) == sizes[f"jpg/{image}.jpg"]
+    for image, entry in zip(gnd["qimlist"], gnd["gnd"]):
+        height, width = cv2.imread(str(tmp_path / name / "jpg" / f"{image}.jpg")).shape[:2]
+        x1, y1, x2, y2 = entry["bbx"]
+        assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+    assert facts["queries"] == 3 and facts["db_images"] == 8

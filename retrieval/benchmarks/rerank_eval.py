@@ -64,7 +64,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--workers", type=int, default=4, help="DATA.NUM_WORKERS and generators")
     parser.add_argument("--cache-dtype", default="float16", help="TEST.RERANK_CACHE_DTYPE")
-    parser.add_argument("--amp", default="off", help="TEST.AMP of the re-rank scoring")
+    parser.add_argument(
+        "--amp",
+        default="off",
+        help="TEST.AMP (extraction and scoring; on CUDA not 'off' disables the shared pass)",
+    )
     parser.add_argument(
         "--global-run", action="store_true", help="also time a global-only evaluation, cold"
     )
@@ -127,20 +131,18 @@ def make_standin(args: argparse.Namespace, root: Path) -> tuple[str, dict]:
     real = pickle.loads(Path(args.gnd).read_bytes())
     gnd = subset_gnd(real, args.queries, args.db_images)
     divisor = args.size_divisor
+    for entry in gnd["gnd"]:
+        entry["bbx"] = [v / divisor for v in entry["bbx"]]
     gallery = _read_sizes(Path(args.sizes_dir) / f"{name}_gallery_sizes.txt")
-    jobs = [(image, *gallery[image]) for image in gnd["imlist"]]
-    for image, entry in zip(gnd["qimlist"], gnd["gnd"]):
-        # only the query crops are extracted: the smallest image that holds the box will do
-        jobs.append((image, math.ceil(entry["bbx"][2]) + 1, math.ceil(entry["bbx"][3]) + 1))
-    if divisor > 1:
-        for entry in gnd["gnd"]:
-            entry["bbx"] = [v / divisor for v in entry["bbx"]]
+    sizes = [(w // divisor, h // divisor) for w, h in (gallery[image] for image in gnd["imlist"])]
+    # only the query crops are extracted: the smallest image that holds the box will do
+    sizes += [(math.ceil(e["bbx"][2]) + 1, math.ceil(e["bbx"][3]) + 1) for e in gnd["gnd"]]
     folder = root / name
     (folder / "jpg").mkdir(parents=True, exist_ok=True)
     (folder / f"gnd_{name}.pkl").write_bytes(pickle.dumps(gnd))
     work = [
-        (str(folder / "jpg" / f"{image}.jpg"), max(1, w // divisor), max(1, h // divisor), seed)
-        for seed, (image, w, h) in enumerate(jobs)
+        (str(folder / "jpg" / f"{image}.jpg"), max(1, w), max(1, h), seed)
+        for seed, (image, (w, h)) in enumerate(zip([*gnd["imlist"], *gnd["qimlist"]], sizes))
     ]
     start = time.perf_counter()
     with ProcessPoolExecutor(max(1, args.workers)) as pool:
