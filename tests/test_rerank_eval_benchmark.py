@@ -6,6 +6,7 @@ import pickle
 from pathlib import Path
 
 import cv2
+import pytest
 
 from retrieval.benchmarks.rerank_eval import make_standin, parse_args, run, subset_gnd
 
@@ -79,3 +80,13 @@ def test_standin_images_have_the_real_sizes_and_hold_the_query_boxes(tmp_path) -
         x1, y1, x2, y2 = entry["bbx"]
         assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
     assert facts["queries"] == 3 and facts["db_images"] == 8
+
+
+def test_a_foreign_work_folder_or_a_missing_input_is_refused(tmp_path) -> None:
+    (tmp_path / "mine.txt").write_text("user data")
+    base = ["--gnd", str(DATA_DIR / "gnd_roxford5k.pkl"), "--sizes-dir", str(DATA_DIR)]
+    with pytest.raises(SystemExit, match="not made by this benchmark"):
+        run([*base, "--work", str(tmp_path)])
+    assert (tmp_path / "mine.txt").read_text() == "user data"
+    with pytest.raises(SystemExit):  # argparse: --sizes-dir holds no roxford5k_gallery_sizes.txt
+        parse_args([*base[:2], "--sizes-dir", str(tmp_path), "--work", str(tmp_path / "w")])

@@ -41,6 +41,8 @@ from retrieval.evaluation.evaluator import evaluate
 from retrieval.modeling.registry import build_model
 
 GND_KEYS = ("easy", "hard", "junk")
+# Marks a --work folder as this benchmark's scratch space (only such a folder is emptied).
+WORK_MARKER = ".rerank_eval_work"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -73,7 +75,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--global-run", action="store_true", help="also time a global-only evaluation, cold"
     )
     parser.add_argument("--lazy", action="store_true", help="also time the lazy path, cold")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    sizes = Path(args.sizes_dir) / f"{Path(args.gnd).stem.removeprefix('gnd_')}_gallery_sizes.txt"
+    for flag, path in (("--gnd", Path(args.gnd)), ("--sizes-dir", sizes)):
+        if not path.is_file():
+            parser.error(f"{flag}: {str(path)!r} is not a file")
+    return args
+
+
+def _fresh_work_dir(work: Path) -> None:
+    """Empty ``work`` for a cold run; a non-empty folder this benchmark did not create is refused,
+    so a mistyped --work never deletes user data."""
+    if work.exists() and any(work.iterdir()) and not (work / WORK_MARKER).is_file():
+        raise SystemExit(
+            f"--work {str(work)!r} is not empty and was not made by this benchmark "
+            f"(no {WORK_MARKER}); give a new or empty folder"
+        )
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / WORK_MARKER).write_text("scratch folder of tools/benchmark.py rerank-eval\n")
 
 
 def _read_sizes(path: Path) -> dict[str, tuple[int, int]]:
@@ -179,7 +199,7 @@ def run(argv: list[str]) -> dict:
     """Run the benchmark; returns the results dict (see the module docstring)."""
     args = parse_args(argv)
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)  # every run starts cold
+    _fresh_work_dir(work)  # every run starts cold
     name, standin = make_standin(args, work / "data")
     topk = f"[{args.topk}]"
     runs = {
