@@ -251,9 +251,12 @@ class PyramidCache:
 
     def get(self, index: int, device: torch.device | str = "cpu") -> list[torch.Tensor] | None:
         """The pyramid as float32 unit vectors (1, C', h_i, w_i) on ``device``; None if absent."""
-        codes = self._memory.get(index) if self.directory is None else self._pending.get(index)
-        if codes is None and self.directory is not None:
-            codes = self._load_item(index)
+        if self.directory is None:
+            codes = self._memory.get(index)
+        else:  # an item still queued for writing is served from memory
+            codes = self._pending.get(index)
+            if codes is None:
+                codes = self._load_item(index)
         if codes is None:
             return None
         channels = self.meta.compress_dim

@@ -76,11 +76,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--lazy", action="store_true", help="also time the lazy path, cold")
     args = parser.parse_args(argv)
-    sizes = Path(args.sizes_dir) / f"{Path(args.gnd).stem.removeprefix('gnd_')}_gallery_sizes.txt"
-    for flag, path in (("--gnd", Path(args.gnd)), ("--sizes-dir", sizes)):
+    for flag, path in (("--gnd", Path(args.gnd)), ("--sizes-dir", _sizes_file(args))):
         if not path.is_file():
             parser.error(f"{flag}: {str(path)!r} is not a file")
     return args
+
+
+def _set_name(args: argparse.Namespace) -> str:
+    """The revisitop set name of --gnd (gnd_<name>.pkl)."""
+    return Path(args.gnd).stem.removeprefix("gnd_")
+
+
+def _sizes_file(args: argparse.Namespace) -> Path:
+    """--sizes-dir/<name>_gallery_sizes.txt."""
+    return Path(args.sizes_dir) / f"{_set_name(args)}_gallery_sizes.txt"
 
 
 def _fresh_work_dir(work: Path) -> None:
@@ -147,13 +156,13 @@ def _write_image(job: tuple[str, int, int, int]) -> int:
 
 def make_standin(args: argparse.Namespace, root: Path) -> tuple[str, dict]:
     """Write the stand-in set under root/<name>; returns (name, its facts)."""
-    name = Path(args.gnd).stem.removeprefix("gnd_")
+    name = _set_name(args)
     real = pickle.loads(Path(args.gnd).read_bytes())
     gnd = subset_gnd(real, args.queries, args.db_images)
     divisor = args.size_divisor
     for entry in gnd["gnd"]:
         entry["bbx"] = [v / divisor for v in entry["bbx"]]
-    gallery = _read_sizes(Path(args.sizes_dir) / f"{name}_gallery_sizes.txt")
+    gallery = _read_sizes(_sizes_file(args))
     sizes = [(w // divisor, h // divisor) for w, h in (gallery[image] for image in gnd["imlist"])]
     # only the query crops are extracted: the smallest image that holds the box will do
     sizes += [(math.ceil(e["bbx"][2]) + 1, math.ceil(e["bbx"][3]) + 1) for e in gnd["gnd"]]
