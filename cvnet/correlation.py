@@ -10,6 +10,10 @@ Two equivalent correlation paths:
   upsample the normalised maps to the full-scale size, then one batched matmul per scale pair at
   full size. No 4D resize is ever materialised. The only numerical difference is the 1e-8 in the
   official denominator (relative 1e-8 / (|q| |k|)).
+
+Scoring does not build either volume: ``cvnet/correlation_conv.py`` computes the first 4D conv
+straight from the upsampled unit features. Both functions here stay as the references it is tested
+against and for inspecting correlations (``CVNetRerank.correlate``).
 """
 
 from __future__ import annotations

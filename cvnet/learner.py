@@ -102,10 +102,22 @@ class CVLearner(nn.Module):
         """Number of correlation volumes forward() expects."""
         return len(self._stems)
 
+    @property
+    def first_convs(self) -> list[CenterPivotConv4d]:
+        """The first 4D conv of each input's stem (block1's conv), in input order."""
+        return [block1[0] for block1, _ in self._stems]
+
     def forward(self, corrs: Sequence[torch.Tensor]) -> torch.Tensor:
         """List of (B, P, hq, wq, hk, wk) correlations -> (B, 2) logits."""
+        return self.from_first_convs(
+            [conv(corr) for conv, corr in zip(self.first_convs, corrs, strict=True)]
+        )
+
+    def from_first_convs(self, firsts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Outputs of ``first_convs`` (B, 16, h, w, h', w'), one per input -> (B, 2) logits."""
         x = sum(
-            block2(block1(corr)) for corr, (block1, block2) in zip(corrs, self._stems, strict=True)
+            block2(block1[1:](first))  # block1's GroupNorm + ReLU, then block2
+            for first, (block1, block2) in zip(firsts, self._stems, strict=True)
         )
         x = self.block4(self.block3(x))  # (B, 128, h, w, h', w')
         return self.mlp(x.flatten(2).mean(dim=2))  # 4D global average pool -> (B, 128) -> (B, 2)

@@ -15,6 +15,7 @@ from torch import nn
 from yacs.config import CfgNode
 
 from cvnet.correlation import correlation_fast, pyramid_sizes, resize_bilinear
+from cvnet.correlation_conv import correlate_first_layer
 from cvnet.global_model import CVNetGlobal, build_cvnet_global
 from cvnet.learner import BLOCK1_F3, BLOCK1_F4, CVLearner
 from retrieval.modeling.choices import resolve_choice
@@ -106,10 +107,16 @@ class CVNetRerank(nn.Module):
         k_pyr: Sequence[torch.Tensor],
         correlation: Correlation = correlation_fast,
     ) -> list[torch.Tensor]:
-        """One (B, P, Hq, Wq, Hk, Wk) correlation per feature layer (fast path by default)."""
+        """One (B, P, Hq, Wq, Hk, Wk) correlation per feature layer (for tests and inspection)."""
+        return [correlation(q, k, self.pairs) for q, k in self._per_layer(q_pyr, k_pyr)]
+
+    def _per_layer(
+        self, q_pyr: Sequence[torch.Tensor], k_pyr: Sequence[torch.Tensor]
+    ) -> list[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]]:
+        """Layer-major pyramids -> (query levels, key levels) per feature layer."""
         num = len(self.scales)
         return [
-            correlation(q_pyr[start : start + num], k_pyr[start : start + num], self.pairs)
+            (q_pyr[start : start + num], k_pyr[start : start + num])
             for start in range(0, len(q_pyr), num)
         ]
 
@@ -117,17 +124,31 @@ class CVNetRerank(nn.Module):
         """Correlation volumes -> (B,) match probability softmax(logits)[:, 1], computed in fp32."""
         return self.cv_learner(corrs).float().softmax(dim=1)[:, 1]
 
+    def logits(self, q_pyr: Sequence[torch.Tensor], k_pyr: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Query pyramid (batch 1 or B), key pyramids (batch B) -> (B, 2) logits.
+
+        Equal to ``cv_learner(correlate(q_pyr, k_pyr))``, but each stem's first 4D conv is computed
+        straight from the features (cvnet/correlation_conv.py): no full correlation volume.
+        """
+        firsts = [
+            correlate_first_layer(conv, q, k, self.pairs)
+            for conv, (q, k) in zip(
+                self.cv_learner.first_convs, self._per_layer(q_pyr, k_pyr), strict=True
+            )
+        ]
+        return self.cv_learner.from_first_convs(firsts)
+
     def score_pyramids(
         self, q_pyr: Sequence[torch.Tensor], k_pyr: Sequence[torch.Tensor]
     ) -> torch.Tensor:
         """Query pyramid (batch 1 or B) and key pyramids (batch B) -> (B,) match probabilities."""
-        return self.score_correlations(self.correlate(q_pyr, k_pyr))
+        return self.logits(q_pyr, k_pyr).float().softmax(dim=1)[:, 1]
 
     def pair_logits(self, q_img: torch.Tensor, k_img: torch.Tensor) -> torch.Tensor:
         """(B, 3, Hq, Wq), (B, 3, Hk, Wk) -> (B, 2) logits (for a cross-entropy loss)."""
         q_pyr = self.build_pyramid(self.extract_dense(q_img))
         k_pyr = self.build_pyramid(self.extract_dense(k_img))
-        return self.cv_learner(self.correlate(q_pyr, k_pyr))
+        return self.logits(q_pyr, k_pyr)
 
     def forward(self, q_img: torch.Tensor, k_img: torch.Tensor) -> torch.Tensor:
         """(B, 3, Hq, Wq), (B, 3, Hk, Wk) normalised images -> (B,) match probability."""

@@ -4,7 +4,8 @@ The official test loop recomputes the database backbone and both pyramids for ev
 pair at batch 1 (spec/cvnet.md §5). Here the query pyramid is computed once per query, database
 pyramids come from a ``PyramidCache`` (computed on first use, or pre-computed for the union of all
 shortlists, e.g. for +R1M), and the shortlist is scored in batches of database images of equal
-pyramid size with the upsample-first correlation. A worker thread reads the cached pyramids of a
+pyramid size; the correlation goes straight into the first 4D conv (``cvnet/correlation_conv.py``),
+so no full correlation volume is built. A worker thread reads the cached pyramids of a
 shortlist ahead of the scoring, so disk reads and host-to-device copies overlap the device work.
 Pyramids are always computed in fp32 (their storage precision is the cache dtype); ``amp_dtype``
 applies to the scoring (correlation + 4D CNN) only.
@@ -24,8 +25,10 @@ from tqdm import tqdm
 from cvnet.cache import PyramidCache
 from cvnet.rerank_model import CVNetRerank
 
-# Rough count of correlation-sized tensors alive while scoring one item (stack, 4D-conv folds).
-CORRELATION_COPIES = 4
+# Full-volume equivalents alive while scoring one item: the fused first layer builds two branch
+# inputs of half a volume each at block1's stride 2, two full ones at stride 1 (f4); measured peak
+# (R50, 500x400 vs 1024x768, batch 8, CPU): 781 MiB, against 1484 MiB for the materialised volume.
+CORRELATION_COPIES = 2
 # Cached database pyramids read ahead of the scoring (each about 11 MB in fp32 for 1024x768).
 READ_AHEAD = 16
 

@@ -1,4 +1,4 @@
-"""Benchmark: CVNet-Rerank pairs/s, the official loop vs our cached, batched, upsample-first path.
+"""Benchmark: CVNet-Rerank pairs/s, the official loop vs our cached, batched, fused path.
 
 Both paths use the same random-weight CVNet-Rerank model on ROxf-like sizes (database 1024x768,
 query crop 500x400) and are timed side by side, interleaved round by round so machine load hits both
@@ -9,8 +9,9 @@ alike.
   res5), both pyramids, the official correlate-then-4D-interpolate order, batch 1, fp32.
 * ours: the query pyramid once per query, database pyramids from a PyramidCache (their one-time
   extraction is reported separately; in the evaluation the dense map comes from the global
-  extraction pass, TEST.RERANK_SHARED_PASS, so only the compress convs remain), upsample-first
-  correlation, equal-size database items batched; fp32 and bf16 autocast.
+  extraction pass, TEST.RERANK_SHARED_PASS, so only the compress convs remain), the upsample-first
+  correlation computed straight into the first 4D conv (cvnet/correlation_conv.py: no full
+  volume), equal-size database items batched; fp32 and bf16 autocast.
 
 pairs/s is reported for a shortlist of K pairs per query: K / (per-query cost + K * per-pair cost),
 each cost the median over the rounds. Scores of both fp32 paths must agree to 1e-5. Also reported:

@@ -122,7 +122,7 @@ class RerankTrainModule(nn.Module):
 
     def logits(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
         """Pyramids of a and b (batch N) -> (N, 2) match logits of the pairs (a_i, b_i)."""
-        return self.model.cv_learner(self.model.correlate(a, b))
+        return self.model.logits(a, b)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Symmetrised match loss of (q, p) positives and (q, n) negatives."""

@@ -1,0 +1,113 @@
+"""The correlation and the first center-pivot 4D conv in one step, without the 4D volume.
+
+The first 4D conv of each stem (block1, spec §3.4) reads the full-scale correlation volume
+(B, P, Hq, Wq, Hk, Wk) only through its two center-pivot branches, and a branch with stride s reads
+only every s-th position of the *other* pair of dims (``cvnet/conv4d.py``). So each branch's input
+can be computed directly, with one matmul of the upsampled unit features (the upsample-first
+identity of ``correlation_fast``), already in the folded layout the branch's 2D conv takes:
+
+* query branch: key positions subsampled by s, folded into the batch -> (B*hk'*wk', P', Hq, Wq);
+* key branch: query positions subsampled by s, folded into the batch -> (B*hq'*wq', P', Hk, Wk).
+
+For the official s = 2 that is half the entries of the full volume, no stacking of the scale pairs
+and no permuted copies of the volume. The matmul yields every (query scale, key scale) pair,
+P' = S^2 channels, in an order fixed by its operands; the branch's conv weight is remapped to that
+order instead of moving the data, with zero weights for pairs the model does not correlate (Tab. S12
+without cross-scale correlation). Equal to ``CenterPivotConv4d(correlation_fast(...))`` up to float
+rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cvnet.conv4d import CenterPivotConv4d
+from cvnet.correlation import upsampled_unit_levels
+
+
+def _remapped_weight(
+    conv: torch.nn.Conv2d, pairs: Sequence[tuple[int, int]], num_scales: int, query_major: bool
+) -> torch.Tensor:
+    """conv's (O, P, k, k) weight for data channels i*S + j (query-major) or j*S + i.
+
+    -> (O, S^2, k, k); pair p = (i, j) of ``pairs`` moves to its data channel, absent pairs get 0.
+    """
+    order = [i * num_scales + j if query_major else j * num_scales + i for i, j in pairs]
+    if order == list(range(num_scales**2)):
+        return conv.weight  # already in the data's channel order
+    weight = conv.weight.new_zeros(conv.out_channels, num_scales**2, *conv.kernel_size)
+    return weight.index_copy(1, torch.tensor(order, device=weight.device), conv.weight)
+
+
+def _branch_conv(conv: torch.nn.Conv2d, folded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """conv with a remapped weight: (N, S^2, h, w) -> (N, O, ceil(h/s), ceil(w/s))."""
+    return F.conv2d(folded, weight, conv.bias, conv.stride, conv.padding)
+
+
+def _subsampled(units: torch.Tensor, size: tuple[int, int], stride: int) -> torch.Tensor:
+    """(B, h*w, C') upsampled unit features -> every stride-th position (B, h', w', C')."""
+    return units.reshape(units.shape[0], *size, units.shape[-1])[:, ::stride, ::stride]
+
+
+def _correlate_folded(rows: list[torch.Tensor], cols: list[torch.Tensor]) -> torch.Tensor:
+    """Clamped cosines of row positions (per scale a, (Br, h', w', C')) with column positions (per
+    scale b, (Bc, N, C')) -> (B*h'*w', S^2, N), channel a*S + b, B = max(Br, Bc)."""
+    left = torch.stack(rows, dim=3)  # (Br, h', w', S, C')
+    batch_r, h, w, num_scales, channels = left.shape
+    left = left.reshape(batch_r, h * w * num_scales, channels)
+    right = torch.cat(cols, dim=1).transpose(1, 2)  # (Bc, C', S*N)
+    # (B, h'*w'*S, S*N); a shared operand of batch 1 is not expanded (one GEMM for Bc = 1)
+    if right.shape[0] == 1:
+        corr = torch.matmul(left, right[0])
+    elif batch_r == 1:
+        corr = torch.matmul(left[0], right)
+    else:
+        corr = torch.bmm(left, right)
+    batch = corr.shape[0]
+    return corr.clamp_(min=0).view(batch * h * w, num_scales**2, -1)
+
+
+def correlate_first_layer(
+    conv4d: CenterPivotConv4d,
+    q_levels: Sequence[torch.Tensor],
+    k_levels: Sequence[torch.Tensor],
+    pairs: Sequence[tuple[int, int]],
+) -> torch.Tensor:
+    """``conv4d(correlation_fast(q_levels, k_levels, pairs))`` without the volume.
+
+    Pyramids (Bq, C', h_i, w_i) and (Bk, C', h_j, w_j), last level full scale, Bq = 1 or Bk ->
+    (B, O, ceil(Hq/s), ceil(Wq/s), ceil(Hk/s), ceil(Wk/s)).
+    """
+    size_q, size_k = tuple(q_levels[-1].shape[-2:]), tuple(k_levels[-1].shape[-2:])
+    num_scales, stride = len(q_levels), conv4d.stride
+    qs, ks = upsampled_unit_levels(q_levels), upsampled_unit_levels(k_levels)  # (B, HW, C')
+    k_sub = [_subsampled(k, size_k, stride) for k in ks]  # (Bk, hk', wk', C') per scale
+    hk, wk = k_sub[0].shape[1:3]
+    # query branch: rows = subsampled key positions, channel j*S + i
+    by_key = _correlate_folded(k_sub, qs)  # (B*hk'*wk', S^2, Hq*Wq)
+    batch = by_key.shape[0] // (hk * wk)
+    if stride == 1:  # every query position is needed too: transpose the one volume
+        by_query = by_key.view(batch, hk * wk, num_scales, num_scales, -1).permute(0, 4, 3, 2, 1)
+        by_query = by_query.reshape(-1, num_scales**2, hk * wk)
+        hq, wq = size_q
+    else:  # key branch: rows = subsampled query positions, channel i*S + j
+        q_sub = [_subsampled(q, size_q, stride) for q in qs]
+        hq, wq = q_sub[0].shape[1:3]
+        by_query = _correlate_folded(q_sub, ks)  # (B*hq'*wq', S^2, Hk*Wk)
+    out_q = _branch_conv(
+        conv4d.conv1,
+        by_key.view(-1, num_scales**2, *size_q),
+        _remapped_weight(conv4d.conv1, pairs, num_scales, query_major=False),
+    )  # (B*hk'*wk', O, hq', wq')
+    out_k = _branch_conv(
+        conv4d.conv2,
+        by_query.view(-1, num_scales**2, *size_k),
+        _remapped_weight(conv4d.conv2, pairs, num_scales, query_major=True),
+    )  # (B*hq'*wq', O, hk', wk')
+    channels = out_q.shape[1]
+    out_q = out_q.view(batch, hk, wk, channels, hq, wq).permute(0, 3, 4, 5, 1, 2)
+    out_k = out_k.view(batch, hq, wq, channels, hk, wk).permute(0, 3, 1, 2, 4, 5)
+    return out_q + out_k
