@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from retrieval.data.revisitop import ImageListDataset
-from retrieval.evaluation.extract import AMP_DTYPES, DenseTap, ExtractSettings, state_fingerprint
+from retrieval.evaluation.extract import AMP_DTYPES, DenseTap, ExtractSettings
 from retrieval.evaluation.rerank import Reranker
 
 logger = logging.getLogger(__name__)
@@ -118,10 +118,20 @@ def _shared_pass_obstacle(cfg, rerank_model: nn.Module, context: RerankContext) 
     if context.device.type == "cuda" and context.settings.amp != "off":
         return f"extraction runs in TEST.AMP {context.settings.amp} (pyramids are built in fp32)"
     backbone = getattr(context.model, "backbone", None)
-    reranker_weights = state_fingerprint(rerank_model.encoder.backbone)
-    if backbone is None or state_fingerprint(backbone) != reranker_weights:
+    if backbone is None or not same_weights(backbone, rerank_model.encoder.backbone):
         return "the global model's backbone differs from the re-ranker's"
     return ""
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """True when both modules hold equal state dicts (names, shapes, dtypes and values)."""
+    state_a, state_b = a.state_dict(), b.state_dict()
+    return state_a.keys() == state_b.keys() and all(
+        x.shape == state_b[name].shape
+        and x.dtype == state_b[name].dtype
+        and torch.equal(x.cpu(), state_b[name].cpu())
+        for name, x in state_a.items()
+    )
 
 
 def shared_pass_tap(
