@@ -38,6 +38,11 @@ def scale_pairs(num_scales: int, cross_scale: bool) -> tuple[tuple[int, int], ..
     return tuple((i, i) for i in range(num_scales))
 
 
+def match_probability(logits: torch.Tensor) -> torch.Tensor:
+    """(B, 2) logits -> (B,) softmax(logits)[:, 1] in fp32, the match score (spec §3.5)."""
+    return logits.float().softmax(dim=1)[:, 1]
+
+
 class CVNetRerank(nn.Module):
     """Correlation verification re-ranker; ``forward(q, k)`` trains compress and cv_learner."""
 
@@ -122,7 +127,7 @@ class CVNetRerank(nn.Module):
 
     def score_correlations(self, corrs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Correlation volumes -> (B,) match probability softmax(logits)[:, 1], computed in fp32."""
-        return self.cv_learner(corrs).float().softmax(dim=1)[:, 1]
+        return match_probability(self.cv_learner(corrs))
 
     def logits(self, q_pyr: Sequence[torch.Tensor], k_pyr: Sequence[torch.Tensor]) -> torch.Tensor:
         """Query pyramid (batch 1 or B), key pyramids (batch B) -> (B, 2) logits.
@@ -142,7 +147,7 @@ class CVNetRerank(nn.Module):
         self, q_pyr: Sequence[torch.Tensor], k_pyr: Sequence[torch.Tensor]
     ) -> torch.Tensor:
         """Query pyramid (batch 1 or B) and key pyramids (batch B) -> (B,) match probabilities."""
-        return self.logits(q_pyr, k_pyr).float().softmax(dim=1)[:, 1]
+        return match_probability(self.logits(q_pyr, k_pyr))
 
     def pair_logits(self, q_img: torch.Tensor, k_img: torch.Tensor) -> torch.Tensor:
         """(B, 3, Hq, Wq), (B, 3, Hk, Wk) -> (B, 2) logits (for a cross-entropy loss)."""
@@ -152,7 +157,7 @@ class CVNetRerank(nn.Module):
 
     def forward(self, q_img: torch.Tensor, k_img: torch.Tensor) -> torch.Tensor:
         """(B, 3, Hq, Wq), (B, 3, Hk, Wk) normalised images -> (B,) match probability."""
-        return self.pair_logits(q_img, k_img).float().softmax(dim=1)[:, 1]
+        return match_probability(self.pair_logits(q_img, k_img))
 
 
 def build_compress(in_channels: Sequence[int], num_scales: int, compress_dim: int) -> nn.ModuleList:

@@ -129,7 +129,7 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
     return state_a.keys() == state_b.keys() and all(
         x.shape == state_b[name].shape
         and x.dtype == state_b[name].dtype
-        and torch.equal(x.cpu(), state_b[name].cpu())
+        and torch.equal(x, state_b[name].to(x.device))
         for name, x in state_a.items()
     )
 
