@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -90,3 +92,11 @@ def test_a_foreign_work_folder_or_a_missing_input_is_refused(tmp_path) -> None:
     assert (tmp_path / "mine.txt").read_text() == "user data"
     with pytest.raises(SystemExit):  # argparse: --sizes-dir holds no roxford5k_gallery_sizes.txt
         parse_args([*base[:2], "--sizes-dir", str(tmp_path), "--work", str(tmp_path / "w")])
+
+
+def test_benchmark_tool_help_succeeds_and_a_wrong_name_fails() -> None:
+    tool = [sys.executable, str(Path(__file__).parents[1] / "tools" / "benchmark.py")]
+    shown = subprocess.run([*tool, "--help"], capture_output=True, text=True, check=False)
+    assert shown.returncode == 0 and "rerank-eval" in shown.stdout
+    wrong = subprocess.run([*tool, "rerank_eval"], capture_output=True, text=True, check=False)
+    assert wrong.returncode != 0 and "NAME one of" in wrong.stderr

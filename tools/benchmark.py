@@ -37,6 +37,9 @@ def machine() -> dict:
 
 
 def main(argv: list[str]) -> None:
+    if argv[:1] in (["-h"], ["--help"]):  # help is a success, not a usage error
+        print(__doc__)
+        return
     if not argv or argv[0] not in BENCHMARKS:
         raise SystemExit(f"usage: tools/benchmark.py NAME [flags]; NAME one of {list(BENCHMARKS)}")
     name, rest = argv[0], argv[1:]
