@@ -325,6 +325,27 @@ def test_gradient_accumulation_equals_full_batch(tmp_path, amp):
     torch.testing.assert_close(params[2], params[1], rtol=tolerance, atol=tolerance)
 
 
+def test_amp_auto_is_resolved_for_the_device(tmp_path, monkeypatch):
+    """TRAIN.AMP auto takes resolve_amp's answer: autocast dtype, GradScaler only for fp16."""
+    opts = [
+        "OUTPUT_DIR",
+        str(tmp_path),
+        "TRAIN.AMP",
+        "auto",
+        "DEVICE",
+        "cpu",
+        "TRAIN.BATCH_SIZE",
+        "8",
+    ]
+    for resolved, dtype in (("bf16", torch.bfloat16), ("off", None)):
+        monkeypatch.setattr(
+            "retrieval.engine.trainer.resolve_amp", lambda amp, device, r=resolved: r
+        )
+        trainer = Trainer(load_cfg(None, opts), ToyTask())
+        assert trainer.amp_dtype == dtype
+        assert not trainer.scaler.is_enabled()
+
+
 def test_log_lines_print_once_after_cli_and_trainer_setup(capfd):
     """run_cli sets up logging, the trainer sets it up again: each message is printed once."""
     import logging

@@ -30,8 +30,8 @@ from retrieval.engine.distributed import resolve_device
 from retrieval.engine.global_task import build_global_train_module
 from retrieval.modeling.memory_format import to_channels_last
 from retrieval.modeling.registry import build_model
+from retrieval.precision import AMP_DTYPES
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (label, MODEL.ARCH, SSM replaced by identity)
 CASES = (
     ("cvnet_global", "cvnet_global", False),

@@ -132,8 +132,10 @@ _C.TRAIN.EVAL_PERIOD = 0
 _C.TRAIN.AUTO_RESUME = True
 # Use SyncBatchNorm under DDP.
 _C.TRAIN.SYNC_BN = False
-# Mixed precision: off, bf16 or fp16 (fp16 uses a GradScaler).
-_choice(_C.TRAIN, "TRAIN", "AMP", "off", ("off", "bf16", "fp16"))
+# Mixed precision: off, bf16 or fp16 (fp16 uses a GradScaler); auto: bf16 where the device computes
+# it natively (a GPU with bf16, else fp16; a CPU with AMX or AVX512-BF16), else off
+# (retrieval/precision.py).
+_choice(_C.TRAIN, "TRAIN", "AMP", "off", ("off", "bf16", "fp16", "auto"))
 # Use the channels_last memory format (faster convolutions on recent GPUs).
 _C.TRAIN.CHANNELS_LAST = False
 # Keep BatchNorm in eval mode (frozen statistics, affine trained): tiny per-GPU batches, CPU DDP.

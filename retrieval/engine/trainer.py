@@ -43,9 +43,9 @@ from retrieval.engine.resume import (
 )
 from retrieval.engine.task import TrainTask, set_train_mode, to_device
 from retrieval.modeling.memory_format import to_channels_last
+from retrieval.precision import AMP_DTYPES, resolve_amp
 
 logger = logging.getLogger(__name__)
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
@@ -64,8 +64,11 @@ class Trainer:
         self.iters_per_epoch = self.sampler.batches_per_epoch // self.accum
         self.optimizer = build_optimizer(cfg, self.module)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.iters_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.TRAIN.AMP == "fp16")
-        self.amp_dtype = AMP_DTYPES[cfg.TRAIN.AMP]
+        self.amp = resolve_amp(cfg.TRAIN.AMP, self.device)
+        if cfg.TRAIN.AMP == "auto":
+            logger.info("TRAIN.AMP auto -> %s on %s", self.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        self.amp_dtype = AMP_DTYPES[self.amp]
         self.epoch = self.epoch_iter = self.iteration = self.unreadable = 0
         self.checkpoint_path: Path | None = None
         self.metrics = MetricLogger(self.out, du.is_main_process())

@@ -41,10 +41,10 @@ from retrieval.engine.distributed import (
     get_world_size,
     is_main_process,
 )
+from retrieval.precision import AMP_DTYPES
 
 FINGERPRINT_BYTES = 1 << 20
 logger = logging.getLogger(__name__)
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)

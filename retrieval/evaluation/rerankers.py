@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from retrieval.data.revisitop import ImageListDataset
-from retrieval.evaluation.extract import AMP_DTYPES, DenseTap, ExtractSettings
+from retrieval.evaluation.extract import DenseTap, ExtractSettings
 from retrieval.evaluation.rerank import Reranker
+from retrieval.precision import AMP_DTYPES
 
 logger = logging.getLogger(__name__)
 
