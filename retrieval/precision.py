@@ -2,7 +2,8 @@
 
 'auto' picks what is fast on the device at hand: bf16 on a GPU that supports it (else fp16 with a
 GradScaler), bf16 on a CPU that computes it natively (AMX or AVX512-BF16), fp32 on any other CPU,
-where bf16 autocast is emulated and slower than fp32 (oneDNN has no bf16 kernels for AVX2).
+where bf16 has no hardware arithmetic and is not expected to beat fp32. Measured on an AMX CPU: the
+demo SENet trains 1.5x faster in bf16 (configs/demo/scale.yaml).
 """
 
 from __future__ import annotations
