@@ -20,7 +20,7 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        ({"avx2", "fma"}, "off"),  # bf16 would be emulated: slower than fp32
+        ({"avx2", "fma"}, "off"),  # no native bf16 arithmetic
         ({"avx512f", "avx512bw"}, "off"),
         ({"avx512f", "avx512_bf16"}, "bf16"),
         ({"avx512f", "amx_tile", "amx_bf16"}, "bf16"),

@@ -64,11 +64,11 @@ class Trainer:
         self.iters_per_epoch = self.sampler.batches_per_epoch // self.accum
         self.optimizer = build_optimizer(cfg, self.module)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.iters_per_epoch)
-        self.amp = resolve_amp(cfg.TRAIN.AMP, self.device)
+        amp = resolve_amp(cfg.TRAIN.AMP, self.device)
         if cfg.TRAIN.AMP == "auto":
-            logger.info("TRAIN.AMP auto -> %s on %s", self.amp, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
-        self.amp_dtype = AMP_DTYPES[self.amp]
+            logger.info("TRAIN.AMP auto -> %s on %s", amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        self.amp_dtype = AMP_DTYPES[amp]
         self.epoch = self.epoch_iter = self.iteration = self.unreadable = 0
         self.checkpoint_path: Path | None = None
         self.metrics = MetricLogger(self.out, du.is_main_process())
