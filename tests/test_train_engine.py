@@ -336,6 +336,8 @@ def test_amp_auto_is_resolved_for_the_device(tmp_path, monkeypatch):
         "cpu",
         "TRAIN.BATCH_SIZE",
         "8",
+        "DATA.NUM_WORKERS",
+        "0",
     ]
     for resolved, dtype in (("bf16", torch.bfloat16), ("off", None)):
         monkeypatch.setattr(
