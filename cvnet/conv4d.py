@@ -12,13 +12,33 @@ import torch
 from torch import nn
 
 
+def _conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x), in float32 for a width-1 input when a gradient flows under CPU bf16 autocast.
+
+    On CPU, PyTorch 2.14's bf16 backward of a stride-2 conv over a width-1 map returns non-finite
+    gradients at random (measured: about one call in five; never seen for width >= 2 or stride 1;
+    tests/test_conv4d.py). Such maps are common once training queries are small crops, and one bad
+    gradient poisons every weight through the clipping norm. The forward is correct, so inference
+    keeps bf16.
+    """
+    if (
+        x.shape[-1] == 1
+        and x.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and torch.is_autocast_enabled("cpu")
+    ):
+        with torch.autocast("cpu", enabled=False):
+            return conv(x.float())
+    return conv(x)
+
+
 def _conv_query_dims(conv: nn.Conv2d, x: torch.Tensor, stride: int) -> torch.Tensor:
     """Query-side branch: (B, C, ha, wa, hb, wb) -> (B, O, ha', wa', hb', wb')."""
     x = x[..., ::stride, ::stride]
     batch, channels, ha, wa, hb, wb = x.shape
     # (B, C, ha, wa, hb, wb) -> (B*hb*wb, C, ha, wa): key positions folded into the batch
     folded = x.permute(0, 4, 5, 1, 2, 3).reshape(batch * hb * wb, channels, ha, wa)
-    out = conv(folded)
+    out = _conv2d(conv, folded)
     out = out.view(batch, hb, wb, *out.shape[1:])  # (B, hb, wb, O, ha', wa')
     return out.permute(0, 3, 4, 5, 1, 2)
 
@@ -29,7 +49,7 @@ def _conv_key_dims(conv: nn.Conv2d, x: torch.Tensor, stride: int) -> torch.Tenso
     batch, channels, ha, wa, hb, wb = x.shape
     # (B, C, ha, wa, hb, wb) -> (B*ha*wa, C, hb, wb): query positions folded into the batch
     folded = x.permute(0, 2, 3, 1, 4, 5).reshape(batch * ha * wa, channels, hb, wb)
-    out = conv(folded)
+    out = _conv2d(conv, folded)
     out = out.view(batch, ha, wa, *out.shape[1:])  # (B, ha, wa, O, hb', wb')
     return out.permute(0, 3, 1, 2, 4, 5)
 

@@ -173,3 +173,18 @@ def test_cosine_correlation_matches_loops_with_official_eps():
         assert out[0, y1, x1, y2, x2].item() == pytest.approx(
             (a @ b / (a.norm() * b.norm() + 1e-8)).item()
         )
+
+
+def test_bf16_gradients_of_width_one_maps_are_finite_on_cpu():
+    """PyTorch's CPU bf16 backward of a stride-2 conv over a width-1 map returns non-finite
+    gradients at random (about one call in five without the float32 fallback of cvnet/conv4d.py)."""
+    torch.manual_seed(0)
+    conv = CenterPivotConv4d(16, 32, 3, 2)
+    for ha, wa, hb, wb in [(3, 1, 2, 2), (2, 2, 5, 1), (1, 1, 3, 1), (4, 1, 4, 1)] * 5:
+        x = torch.randn(2, 16, ha, wa, hb, wb, requires_grad=True)
+        conv.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            out = conv(x)
+        out.float().backward(torch.randn(out.shape))
+        grads = [x.grad, *(p.grad for p in conv.parameters())]
+        assert all(torch.isfinite(g).all() for g in grads), (ha, wa, hb, wb)
