@@ -5,16 +5,19 @@ For every training image, up to NUM_NEIGHBORS nearest neighbours of the same cla
 descriptor are candidates; every candidate pair (unordered, verified once: overlap is symmetric) is
 geometrically verified (retrieval/evaluation/geometric.py) and kept with >= MIN_INLIERS inliers;
 only classes with more than MIN_CLASS_IMAGES images in kept pairs stay. Output CSV
-``query_id,positive_id,landmark_id,inliers`` with both directions of every kept pair. Hard-negative
+``query_id,positive_id,landmark_id,inliers,query_box`` with both directions of every kept pair;
+query_box is ``x0 y0 x1 y1``, the bounding box of the inliers in the query's pixels: the part of the
+query seen in the positive, to which RERANK_TRAIN.QUERY_CROP inliers crops the training query the
+way the test protocol crops a query to its landmark. Hard-negative
 pools (Tab. S1): per image of the kept subset, its HARD_NEG_POOL nearest neighbours of other kept
 classes, CSV ``query_id,negative_ids`` (space-separated, nearest first).
 
 Work is cut into chunks of whole classes. Per chunk the main process extracts local features and
 matches them (on the device); RANSAC runs in worker processes. Every finished chunk stores the raw
-inlier count of all its candidates in ``<csv>.progress/chunk_<n>.csv`` (atomic rename), so a rerun
-skips it; ``meta.json`` there holds what the counts depend on and a rerun with other settings is
-refused. Thresholds are applied at the merge, so MIN_INLIERS and MIN_CLASS_IMAGES can change without
-re-verifying.
+inlier count and the inliers' boxes in both images of all its candidates in
+``<csv>.progress/chunk_<n>.csv`` (atomic rename), so a rerun skips it; ``meta.json`` there holds
+what the counts depend on and a rerun with other settings is refused. Thresholds are applied at the
+merge, so MIN_INLIERS and MIN_CLASS_IMAGES can change without re-verifying.
 """
 
 from __future__ import annotations
@@ -42,7 +45,16 @@ from retrieval.evaluation.geometric import (
 )
 
 logger = logging.getLogger(__name__)
-PAIRS_HEADER = ["query_id", "positive_id", "landmark_id", "inliers"]
+PAIRS_HEADER = ["query_id", "positive_id", "landmark_id", "inliers", "query_box"]
+# Progress rows: a pair, its inlier count and the inliers' boxes x0 y0 x1 y1 in image i and image j.
+CHUNK_HEADER = [
+    "i",
+    "j",
+    "inliers",
+    *(f"{im}_{c}" for im in "ij" for c in ("x0", "y0", "x1", "y1")),
+]
+# Bumped when CHUNK_HEADER changes, so progress of an older layout is refused, not misread.
+CHUNK_FORMAT = 2
 NEGATIVES_HEADER = ["query_id", "negative_ids"]
 
 
@@ -77,9 +89,24 @@ def class_chunks(pairs: np.ndarray, labels: Sequence[int], chunk_classes: int) -
     return [pairs[chunk_of == c] for c in np.unique(chunk_of)]
 
 
-def ransac_counts(estimator: Estimator, matches: list[tuple[np.ndarray, np.ndarray]]) -> list[int]:
-    """Inlier counts of a list of (src, dst) matches (runs in a worker process)."""
-    return [estimator(src, dst) for src, dst in matches]
+def inlier_box(points: np.ndarray, mask: np.ndarray) -> list[int]:
+    """[x0, y0, x1, y1] integer pixel box around the masked (M, 2) points; zeros when none."""
+    if not mask.any():
+        return [0, 0, 0, 0]
+    inliers = points[mask]
+    (x0, y0), (x1, y1) = np.floor(inliers.min(0)), np.ceil(inliers.max(0))
+    return [int(x0), int(y0), int(x1), int(y1)]
+
+
+def ransac_verify(
+    estimator: Estimator, matches: list[tuple[np.ndarray, np.ndarray]]
+) -> list[list[int]]:
+    """Per (src, dst) match list: [inliers, *box in src, *box in dst] (runs in a worker process)."""
+    rows = []
+    for src, dst in matches:
+        mask = estimator(src, dst)
+        rows.append([int(mask.sum()), *inlier_box(src, mask), *inlier_box(dst, mask)])
+    return rows
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -96,12 +123,12 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 class ChunkStore:
-    """The progress folder: finished chunks with raw inlier counts, guarded by a metadata key."""
+    """The progress folder: finished chunks with raw inlier counts and boxes, guarded by a key."""
 
     def __init__(self, folder: Path, key: dict, restart: bool = False) -> None:
         self.folder = folder
         meta = folder / "meta.json"
-        key = json.loads(json.dumps(key))
+        key = json.loads(json.dumps({**key, "chunk_format": CHUNK_FORMAT}))
         if meta.is_file() and json.loads(meta.read_text()) != key:
             if not restart:
                 raise ValueError(
@@ -121,21 +148,21 @@ class ChunkStore:
         """True when the chunk was finished by an earlier run."""
         return self.path(chunk).is_file()
 
-    def save(self, chunk: int, pairs: np.ndarray, counts: Sequence[int]) -> None:
-        """Store the (i, j, inliers) rows of a chunk."""
+    def save(self, chunk: int, pairs: np.ndarray, results: Sequence[Sequence[int]]) -> None:
+        """Store the rows (i, j, inliers, boxes) of a chunk; ``results`` from ransac_verify."""
         _write_csv(
             self.path(chunk),
-            ["i", "j", "inliers"],
-            [[a, b, c] for (a, b), c in zip(pairs.tolist(), counts)],
+            CHUNK_HEADER,
+            [[a, b, *r] for (a, b), r in zip(pairs.tolist(), results)],
         )
 
     def load_all(self, num_chunks: int) -> np.ndarray:
-        """(P, 3) rows (i, j, inliers) of every chunk."""
+        """(P, 11) rows (i, j, inliers, box in i, box in j) of every chunk."""
         rows = []
         for chunk in range(num_chunks):
             with self.path(chunk).open() as handle:
                 rows += [[int(v) for v in row] for row in list(csv.reader(handle))[1:]]
-        return np.array(rows, dtype=np.int64).reshape(-1, 3)
+        return np.array(rows, dtype=np.int64).reshape(-1, len(CHUNK_HEADER))
 
 
 class PairVerifier:
@@ -191,9 +218,9 @@ class PairVerifier:
         for chunk in tqdm(todo, desc="verify pairs"):
             matches = self.matches(chunks[chunk])
             if executor is None:
-                store.save(chunk, chunks[chunk], ransac_counts(self.estimator, matches))
+                store.save(chunk, chunks[chunk], ransac_verify(self.estimator, matches))
                 continue
-            pending[chunk] = executor.submit(ransac_counts, self.estimator, matches)
+            pending[chunk] = executor.submit(ransac_verify, self.estimator, matches)
             while len(pending) > 2 * self.workers:
                 self._collect(pending, chunks, store, block=True)
             self._collect(pending, chunks, store, block=False)
@@ -214,7 +241,7 @@ class PairVerifier:
 def filter_pairs(
     rows: np.ndarray, labels: Sequence[int], min_inliers: int, min_class_images: int
 ) -> np.ndarray:
-    """Rows (i, j, inliers) >= min_inliers of classes with > min_class_images images in them."""
+    """Rows (i, j, inliers, ...) >= min_inliers of classes with > min_class_images images."""
     labels = np.asarray(labels)
     kept = rows[rows[:, 2] >= min_inliers]
     images = np.unique(kept[:, :2])
@@ -254,13 +281,18 @@ def write_outputs(
     subset: np.ndarray,
 ) -> None:
     """Atomically write the pairs CSV (both directions, sorted) and the hard-negative CSV."""
-    rows = [[a, b, c] for a, b, c in kept.tolist()] + [[b, a, c] for a, b, c in kept.tolist()]
+    # (query, positive, inliers, query box): each kept pair in both directions
+    rows = [[a, b, c, box_a] for a, b, c, *box_a, _, _, _, _ in kept.tolist()]
+    rows += [[b, a, c, box_b] for a, b, c, _, _, _, _, *box_b in kept.tolist()]
     rows.sort()
     pairs_csv.parent.mkdir(parents=True, exist_ok=True)
     _write_csv(
         pairs_csv,
         PAIRS_HEADER,
-        [[image_ids[a], image_ids[b], classes[labels[a]], c] for a, b, c in rows],
+        [
+            [image_ids[a], image_ids[b], classes[labels[a]], c, " ".join(map(str, box))]
+            for a, b, c, box in rows
+        ],
     )
     neg_rows = [
         [image_ids[q], " ".join(image_ids[n] for n in pool)]

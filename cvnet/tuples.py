@@ -40,16 +40,47 @@ class TrainTuple:
     hard: bool
 
 
+# Pairs CSV of tools/select_pairs.py; files written before query_box existed still give the pairs.
+PAIRS_COLUMNS = ["query_id", "positive_id", "landmark_id", "inliers", "query_box"]
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1 and y1 exclusive
+
+
 def read_positive_pairs(
     path: str | os.PathLike, index_of: Mapping[str, int]
 ) -> dict[int, list[int]]:
-    """query index -> overlapped positives from a CSV query_id,positive_id,landmark_id,inliers."""
+    """query index -> overlapped positives from the pairs CSV (query_box optional)."""
     positives: dict[int, list[int]] = {}
-    for line, row in _rows(path, ["query_id", "positive_id", "landmark_id", "inliers"]):
+    for line, row in _rows(path, PAIRS_COLUMNS, PAIRS_COLUMNS[:4]):
         positives.setdefault(_index(index_of, row[0], path, line), []).append(
             _index(index_of, row[1], path, line)
         )
     return positives
+
+
+def read_query_boxes(
+    path: str | os.PathLike, index_of: Mapping[str, int]
+) -> dict[tuple[int, int], Box]:
+    """(query, positive) index pair -> the box of the query that the positive shows (inliers)."""
+    path, boxes = Path(path), {}
+    if _header(path) == PAIRS_COLUMNS[:4]:
+        raise ValueError(
+            f"{path} has no query_box column (written before tools/select_pairs.py stored the "
+            "inlier boxes): rerun tools/select_pairs.py with --restart, or set "
+            "RERANK_TRAIN.QUERY_CROP none"
+        )
+    for line, row in _rows(path, PAIRS_COLUMNS):
+        box = tuple(int(v) for v in row[4].split()) if _is_box(row[4]) else None
+        if box is None or not (0 <= box[0] < box[2] and 0 <= box[1] < box[3]):
+            raise ValueError(f"{path}:{line}: query_box {row[4]!r} is not 'x0 y0 x1 y1' pixels")
+        pair = (_index(index_of, row[0], path, line), _index(index_of, row[1], path, line))
+        boxes[pair] = box
+    return boxes
+
+
+def _is_box(text: str) -> bool:
+    """Four integers separated by spaces."""
+    fields = text.split()
+    return len(fields) == 4 and all(f.lstrip("-").isdigit() for f in fields)
 
 
 def read_hard_negatives(
@@ -64,17 +95,25 @@ def read_hard_negatives(
     return pools
 
 
-def _rows(path: str | os.PathLike, header: list[str]) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of a CSV after checking its header and field count."""
-    path = Path(path)
+def _header(path: Path) -> list[str] | None:
+    """First CSV row of an existing file (None when empty)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (written by tools/select_pairs.py)")
     with path.open(newline="") as handle:
+        return next(csv.reader(handle), None)
+
+
+def _rows(path: str | os.PathLike, *headers: list[str]) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of a CSV after checking that its header is one of ``headers`` and
+    every row has as many fields."""
+    path = Path(path)
+    _header(path)
+    with path.open(newline="") as handle:
         rows = list(csv.reader(handle))
-    if not rows or rows[0] != header:
-        raise ValueError(
-            f"{path}:1: header {rows[0] if rows else None!r}, expected {','.join(header)}"
-        )
+    if not rows or rows[0] not in headers:
+        expected = " or ".join(",".join(h) for h in headers)
+        raise ValueError(f"{path}:1: header {rows[0] if rows else None!r}, expected {expected}")
+    header = rows[0]
     for line, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise ValueError(

@@ -13,10 +13,10 @@ from retrieval.evaluation.geometric import (
     GeometricVerifier,
     build_estimator,
     build_gv_reranker,
-    degensac_inliers,
+    degensac_mask,
     match_features,
     mutual_nearest_neighbours,
-    sklearn_inliers,
+    sklearn_mask,
 )
 from retrieval.evaluation.local_features import (
     DenseLocalFeatures,
@@ -68,11 +68,11 @@ def test_degensac_recovers_known_homography_inliers():
     dst = project(H_TRUE, src) + rng.normal(0, 0.3, (300, 2))
     dst[180:] = rng.uniform(0, 400, (120, 2))  # 40% outliers
     exact = np.linalg.norm(project(H_TRUE, src) - dst, axis=1) < 3.0  # inliers of the true model
-    found = degensac_inliers(src, dst, 3.0, 0.999, 2000)
-    assert exact.sum() - 2 <= found <= exact.sum() + 2
-    assert (
-        degensac_inliers(src[:3], dst[:3], 3.0, 0.999, 100) == 0
-    )  # too few matches for a homography
+    found = degensac_mask(src, dst, 3.0, 0.999, 2000)
+    assert found.shape == (300,) and found.dtype == bool
+    assert (found != exact).sum() <= 2  # the mask marks the true model's inliers
+    too_few = degensac_mask(src[:3], dst[:3], 3.0, 0.999, 100)  # too few matches for a homography
+    assert too_few.tolist() == [False] * 3
 
 
 def test_sklearn_affine_counts_affine_inliers():
@@ -80,15 +80,16 @@ def test_sklearn_affine_counts_affine_inliers():
     src = rng.uniform(0, 300, (200, 2))
     dst = src @ np.array([[1.1, 0.2], [-0.1, 0.9]]).T + [5.0, -3.0]
     dst[150:] = rng.uniform(0, 300, (50, 2))
-    assert 148 <= sklearn_inliers(src, dst, 2.0, 100) <= 152
+    found = sklearn_mask(src, dst, 2.0, 100)
+    assert found.shape == (200,) and found[:150].all() and found[150:].sum() <= 2
 
 
 def test_build_estimator_resolves_names():
     rng = np.random.default_rng(2)
     src = rng.uniform(0, 300, (50, 2))
     dst = src + 7.0
-    assert build_estimator("degensac", 2.0)(src, dst) == 50
-    assert build_estimator("sklearn", 2.0)(src, dst) == 50
+    assert build_estimator("degensac", 2.0)(src, dst).sum() == 50
+    assert build_estimator("sklearn", 2.0)(src, dst).sum() == 50
     with pytest.raises(ValueError, match="magsac"):
         build_estimator("magsac")
 
@@ -113,10 +114,10 @@ def test_sift_views_of_a_homography_verify():
     features = SiftLocalFeatures(1000)
     a, b, other = features(image), features(warped), features(texture(7))
     src, dst = match_features(a, b)
-    inlier = degensac_inliers(src, dst, 3.0, 0.999, 2000)
+    inlier = degensac_mask(src, dst, 3.0, 0.999, 2000).sum()
     assert inlier > 60
     assert np.median(np.linalg.norm(project(H_TRUE, src) - dst, axis=1)) < 2.0  # matches follow H
-    assert degensac_inliers(*match_features(a, other), 3.0, 0.999, 2000) < 15
+    assert degensac_mask(*match_features(a, other), 3.0, 0.999, 2000).sum() < 15
 
 
 def test_dense_keypoints_follow_a_stride_aligned_shift():
@@ -198,4 +199,4 @@ def test_build_gv_reranker_from_config_scores_views():
         isinstance(dense.extractor, DenseLocalFeatures)
         and dense.extractor.backbone is model.backbone
     )
-    assert dense.verifier.estimator.func is sklearn_inliers
+    assert dense.verifier.estimator.func is sklearn_mask

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from cvnet.pair_selection import (
 from retrieval.data.gldv2 import image_path, read_train_csv
 from retrieval.data.image_io import read_image
 from retrieval.data.synthetic import make_synthetic, read_geometry
-from retrieval.data.synthetic_geometry import true_overlapping_pairs
+from retrieval.data.synthetic_geometry import clip_polygon, true_overlapping_pairs, visible_region
+from retrieval.data.synthetic_render import warp_points
 from retrieval.evaluation.geometric import build_estimator
 from retrieval.evaluation.local_features import SiftLocalFeatures
 
@@ -115,13 +117,46 @@ def test_selection_recovers_true_overlapping_pairs(tiny, tmp_path):
         len(truth),
     )
     label_of = dict(zip(train_list.image_ids, [train_list.classes[i] for i in train_list.labels]))
-    for query, positive, landmark, inliers in rows[1:]:
+    for query, positive, landmark, inliers, _ in rows[1:]:
         assert (
             label_of[query] == label_of[positive] == landmark
             and int(inliers) >= SETTINGS.min_inliers
         )
     directed = {tuple(r[:2]) for r in rows[1:]}
     assert all((b, a) in directed for a, b in directed)  # both directions of every pair
+
+
+def box_intersection(a: np.ndarray, b: np.ndarray) -> float:
+    """Area shared by two boxes x0 y0 x1 y1."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(w, 0.0) * max(h, 0.0)
+
+
+def test_query_box_is_where_the_query_overlaps_the_positive(tiny, tmp_path):
+    train, _, features = tiny
+    run(tiny, tmp_path, CountingFeatures(features))
+    views, scenes = read_geometry(train)
+    inside, covered = [], []
+    for query, positive, _, _, box in read_rows(tmp_path / "pairs.csv")[1:]:
+        box = np.array(box.split(), float)
+        vq, vp = views[query], views[positive]
+        width, height = vq.size
+        assert 0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height
+        scene = scenes[vq.scene]
+        shared = clip_polygon(
+            visible_region(vq.H, vq.size, scene), visible_region(vp.H, vp.size, scene)
+        )
+        truth = warp_points(vq.H, shared)  # the overlap in the query's pixels
+        truth = np.array([*truth.min(0), *truth.max(0)])
+        shared_area = box_intersection(box, truth)
+        inside.append(shared_area / ((box[2] - box[0]) * (box[3] - box[1])))
+        covered.append(shared_area / ((truth[2] - truth[0]) * (truth[3] - truth[1])))
+    # the inliers lie in the true overlap and span most of it (SIFT finds few points at its edges)
+    # (measured: median inside 1.0, 85 % of boxes > 0.8 inside; median coverage 0.74)
+    inside, covered = np.array(inside), np.array(covered)
+    assert np.median(inside) > 0.95 and (inside > 0.8).mean() > 0.75, inside
+    assert np.median(covered) > 0.6, covered
 
 
 def test_resume_after_interruption_gives_the_same_csv(tiny, tmp_path):
@@ -155,6 +190,17 @@ def test_changed_settings_are_refused_on_resume(tiny, tmp_path):
     assert again.calls == 6
 
 
+def test_progress_of_an_older_chunk_layout_is_refused(tiny, tmp_path):
+    _, _, features = tiny
+    run(tiny, tmp_path, CountingFeatures(features), images=6)
+    meta = tmp_path / "pairs.csv.progress" / "meta.json"
+    key = json.loads(meta.read_text())
+    del key["chunk_format"]  # as written before the chunks held inlier boxes
+    meta.write_text(json.dumps(key))
+    with pytest.raises(ValueError, match="--restart"):
+        run(tiny, tmp_path, CountingFeatures(features), images=6)
+
+
 def test_candidates_are_same_class_nearest_neighbours():
     x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.6, 0.8], [1.0, 0.0]])
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -168,9 +214,10 @@ def test_candidates_are_same_class_nearest_neighbours():
 def test_filter_pairs_thresholds_and_class_rule():
     labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
     rows = np.array([[0, 1, 50], [1, 2, 9], [3, 4, 40], [5, 6, 30], [7, 8, 31], [6, 7, 3]])
+    rows = np.pad(rows, ((0, 0), (0, 8)))  # the inlier boxes play no part in the filter
     kept = filter_pairs(rows, labels, min_inliers=10, min_class_images=2)
     # class 0: 2 images in kept pairs (not > 2), class 1: 2, class 2: 4 images -> kept
-    assert kept.tolist() == [[5, 6, 30], [7, 8, 31]]
+    assert kept[:, :3].tolist() == [[5, 6, 30], [7, 8, 31]]
     assert len(filter_pairs(rows, labels, min_inliers=10, min_class_images=1)) == 4
 
 

@@ -8,10 +8,23 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from cvnet.tuples import HideAndSeek, TupleSampler, linear_schedule
+from cvnet.tuples import (
+    HideAndSeek,
+    TupleSampler,
+    linear_schedule,
+    read_positive_pairs,
+    read_query_boxes,
+)
 from retrieval.checkpoint import load_checkpoint, save_checkpoint
 from retrieval.config import load_cfg
-from retrieval.engine.rerank_task import RerankTrainModule, build_task, symmetric_match_loss
+from retrieval.data.augment import NativeAugment
+from retrieval.data.transforms import to_tensor
+from retrieval.engine.rerank_task import (
+    RerankTrainModule,
+    build_task,
+    expand_box,
+    symmetric_match_loss,
+)
 from retrieval.engine.trainer import train
 from retrieval.modeling.registry import build_model
 
@@ -139,7 +152,44 @@ def test_symmetrised_loss_is_the_mean_of_both_input_orders():
     )
 
 
-def write_tiny_gldv2(root) -> None:
+def test_images_of_different_sizes_give_the_loss_of_pairs_scored_one_by_one():
+    torch.manual_seed(3)
+    module = RerankTrainModule(build_model(load_cfg(None, TINY))).eval()
+    gen = torch.Generator().manual_seed(4)
+    sizes = {  # two tuples share every shape, so both the encoder and the pair batches group
+        "query": [(40, 56), (64, 48), (40, 56)],
+        "positive": [(64, 64), (48, 64), (64, 64)],
+        "negative": [(48, 64), (64, 64), (48, 64)],
+    }
+    batch = {r: [torch.randn(3, h, w, generator=gen) for h, w in sizes[r]] for r in sizes}
+    q, p, n = batch["query"], batch["positive"], batch["negative"]
+    logits = module.model.pair_logits  # one pair at a time
+    ab = [logits(q[i][None], x[i][None]) for x in (p, n) for i in range(3)]
+    ba = [logits(x[i][None], q[i][None]) for x in (p, n) for i in range(3)]
+    target = torch.tensor([1, 1, 1, 0, 0, 0])
+    with torch.no_grad():
+        expected = symmetric_match_loss(torch.cat(ab), torch.cat(ba), target)
+        loss = module(batch)["loss_match"]
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_expand_box_adds_the_margin_and_the_minimum_side_inside_the_image():
+    assert expand_box((10, 20, 60, 70), 0.1, 100, 100) == (5, 15, 65, 75)
+    assert expand_box((0, 0, 50, 50), 0.1, 100, 100) == (0, 0, 55, 55)  # clipped at the border
+    assert expand_box((40, 40, 50, 45), 0.0, 100, 100) == (29, 26, 61, 59)  # grown to 32 x 32+
+    assert expand_box((0, 0, 10, 10), 0.0, 20, 100) == (0, 0, 20, 32)  # as wide as the image
+
+
+def test_native_augment_keeps_the_aspect_and_never_upscales():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (80, 120, 3), dtype=np.uint8)
+    assert NativeAugment(64)(image, rng).shape == (3, 43, 64)
+    assert NativeAugment(512)(image, rng).shape == (3, 80, 120)
+    plain = NativeAugment(512, color_jitter=0.0)(image, rng)
+    assert torch.equal(plain, to_tensor(image, "BGR"))
+
+
+def write_tiny_gldv2(root, query_boxes: bool = False) -> None:
     """3 classes x 2 random images in GLDv2 layout, the pairs CSV and the hard-negative CSV."""
     rng = np.random.default_rng(0)
     ids = [[f"{c}{i}a{c}{i}" for i in range(2)] for c in range(3)]
@@ -150,8 +200,10 @@ def write_tiny_gldv2(root) -> None:
     (root / "train.csv").write_text(
         "landmark_id,images\n" + "".join(f"{c},{' '.join(ids[c])}\n" for c in range(3))
     )
-    pairs = [f"{a},{b},{c},40\n" for c in range(3) for a, b in (ids[c], ids[c][::-1])]
-    (root / "pairs.csv").write_text("query_id,positive_id,landmark_id,inliers\n" + "".join(pairs))
+    box = ",10 20 60 70" if query_boxes else ""
+    pairs = [f"{a},{b},{c},40{box}\n" for c in range(3) for a, b in (ids[c], ids[c][::-1])]
+    header = "query_id,positive_id,landmark_id,inliers" + (",query_box" if query_boxes else "")
+    (root / "pairs.csv").write_text(header + "\n" + "".join(pairs))
     negs = [
         f"{ids[c][i]},{ids[(c + 1) % 3][0]} {ids[(c + 2) % 3][1]}\n"
         for c in range(3)
@@ -162,6 +214,37 @@ def write_tiny_gldv2(root) -> None:
 
 def test_engine_trains_from_a_global_checkpoint(tmp_path):
     write_tiny_gldv2(tmp_path)
+    global_model, cfg = tiny_training(tmp_path)
+    task = build_task(cfg)
+    assert len(task.dataset) == 3 and task.dataset[0]["query"].shape == (3, 64, 64)
+    metrics = train(cfg, task)
+    assert np.isfinite(metrics["loss_match"])
+    final = load_checkpoint(tmp_path / "out" / "model_final.pth")["model"]
+    for key, value in global_model.state_dict().items():
+        assert torch.equal(final[f"encoder.{key}"], value)  # the encoder is the frozen global model
+
+
+def test_engine_trains_in_the_test_geometry_on_inlier_cropped_queries(tmp_path):
+    write_tiny_gldv2(tmp_path, query_boxes=True)
+    native = ["RERANK_TRAIN.GEOMETRY", "native", "RERANK_TRAIN.QUERY_CROP", "inliers"]
+    _, cfg = tiny_training(tmp_path, native)
+    task = build_task(cfg)
+    item = task.dataset[0]
+    # the query is its inlier box 10 20 60 70 with 10 % margins, the others keep their 80 x 96
+    # aspect with the longer side at TRAIN.IMG_SIZE
+    assert item["query"].shape == (3, 60, 60) and item["positive"].shape == (3, 53, 64)
+    assert np.isfinite(train(cfg, task)["loss_match"])
+
+
+def test_query_crop_needs_the_boxes_of_the_pairs_csv(tmp_path):
+    write_tiny_gldv2(tmp_path)  # written without query_box
+    _, cfg = tiny_training(tmp_path, ["RERANK_TRAIN.QUERY_CROP", "inliers"])
+    with pytest.raises(ValueError, match="pairs.csv has no query_box column.*--restart"):
+        build_task(cfg)
+
+
+def tiny_training(tmp_path, extra: list | None = None):
+    """(random global model saved as global.pth, config training the re-ranker on it)."""
     global_cfg = load_cfg(
         None, ["MODEL.ARCH", "cvnet_global", "MODEL.DEPTH", 18, "MODEL.REDUCTION_DIM", 16]
     )
@@ -200,15 +283,10 @@ def test_engine_trains_from_a_global_checkpoint(tmp_path):
             "negs.csv",
             "DEVICE",
             "cpu",
-        ],
+        ]
+        + (extra or []),
     )
-    task = build_task(cfg)
-    assert len(task.dataset) == 3 and task.dataset[0]["query"].shape == (3, 64, 64)
-    metrics = train(cfg, task)
-    assert np.isfinite(metrics["loss_match"])
-    final = load_checkpoint(tmp_path / "out" / "model_final.pth")["model"]
-    for key, value in global_model.state_dict().items():
-        assert torch.equal(final[f"encoder.{key}"], value)  # the encoder is the frozen global model
+    return global_model, cfg
 
 
 def test_encoder_from_global_checkpoints(tmp_path):
@@ -241,3 +319,16 @@ def test_encoder_from_global_checkpoints(tmp_path):
     path = save_checkpoint({"model": cvnet.state_dict()}, tmp_path / "cvnet.pth")
     load_encoder_weights(rerank, str(path))
     assert torch.equal(rerank.encoder.head.fc.weight, cvnet.head.fc.weight)
+
+
+def test_pairs_csv_with_and_without_query_boxes(tmp_path):
+    index_of = {"a": 0, "b": 1}
+    path = tmp_path / "pairs.csv"
+    path.write_text("query_id,positive_id,landmark_id,inliers,query_box\na,b,7,40,1 2 30 40\n")
+    assert read_positive_pairs(path, index_of) == {0: [1]}
+    assert read_query_boxes(path, index_of) == {(0, 1): (1, 2, 30, 40)}
+    path.write_text("query_id,positive_id,landmark_id,inliers\na,b,7,40\n")  # an older file
+    assert read_positive_pairs(path, index_of) == {0: [1]}
+    path.write_text("query_id,positive_id,landmark_id,inliers,query_box\na,b,7,40,30 2 1 40\n")
+    with pytest.raises(ValueError, match=r"pairs.csv:2: query_box '30 2 1 40'"):
+        read_query_boxes(path, index_of)

@@ -210,6 +210,15 @@ _C.RERANK_TRAIN.HARD_NEG_RATIO = [0.2, 1.0]
 _C.RERANK_TRAIN.HIDE_PROB = [0.0, 0.2]
 # Hide-and-Seek grid size (cells per side).
 _C.RERANK_TRAIN.HIDE_GRID = 4
+# Geometry of the training images: square (TRAIN.AUG's random resized crop, squashed to
+# TRAIN.IMG_SIZE^2) or native (aspect ratio kept, longer side at most TRAIN.IMG_SIZE, never
+# upscaled; colour jitter only), the geometry of the test protocol's inputs.
+_choice(_C.RERANK_TRAIN, "RERANK_TRAIN", "GEOMETRY", "square", ("square", "native"))
+# Training query: the whole image (none) or its part that the positive shows (inliers: the box of
+# the RANSAC inliers, query_box of the pairs CSV), as a test query is cropped to its landmark box.
+_choice(_C.RERANK_TRAIN, "RERANK_TRAIN", "QUERY_CROP", "none", ("none", "inliers"))
+# Margin added on each side of the inlier box, as a fraction of its width and height.
+_C.RERANK_TRAIN.QUERY_CROP_MARGIN = 0.1
 # Global-descriptor neighbours of other classes from which hard negatives are drawn.
 _C.RERANK_TRAIN.HARD_NEG_POOL = 20
 # Inlier count from which a same-class pair counts as overlapping (CVNet supp. S1).

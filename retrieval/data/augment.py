@@ -1,4 +1,5 @@
-"""Training augmentation of cv2 BGR uint8 images: random resized crop, colour jitter, flip.
+"""Training augmentation of cv2 BGR uint8 images: random resized crop, colour jitter, flip
+(TrainAugment), or an aspect-preserving resize and colour jitter (NativeAugment).
 
 Every random draw comes from the numpy Generator passed in (seeded by the dataset from seed, epoch
 and sample index), so a resumed run sees exactly the augmentations of an uninterrupted one. The crop
@@ -93,6 +94,27 @@ class TrainAugment:
         if rng.random() < self.hflip:
             crop = crop[:, ::-1]
         return to_tensor(np.ascontiguousarray(crop), self.input_format)
+
+
+class NativeAugment:
+    """Aspect-preserving: (H, W, 3) uint8 -> (3, h, w) with max(h, w) <= max_size (never upscaled),
+    colour jitter; no crop or flip, so a pair keeps the geometry a test pair has."""
+
+    def __init__(self, max_size: int, color_jitter: float = 0.2, input_format: str = "BGR") -> None:
+        if max_size < 1:
+            raise ValueError(f"NativeAugment: bad max_size={max_size}")
+        self.max_size, self.jitter, self.input_format = max_size, color_jitter, input_format
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """Augment one BGR uint8 image with draws from ``rng``."""
+        height, width = image.shape[:2]
+        scale = self.max_size / max(height, width)
+        if scale < 1:
+            size = (max(round(width * scale), 1), max(round(height * scale), 1))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        if self.jitter > 0:
+            image = color_jitter(image, self.jitter, rng)
+        return to_tensor(np.ascontiguousarray(image), self.input_format)
 
 
 def build_train_augment(cfg: CfgNode) -> TrainAugment:

@@ -3,34 +3,47 @@
 The encoder (CVNet-Global backbone) comes from a trained global model (MODEL.RERANK.GLOBAL_WEIGHTS)
 and is frozen: no gradient and BatchNorm in eval mode (spec/cvnet.md §6, "shared and frozen"); only
 ``compress`` and ``cv_learner`` train. Data: per-epoch tuples (cvnet/tuples.py) from the overlapped
-pairs and hard-negative pools of tools/select_pairs.py, with the TRAIN.AUG crop/jitter/flip and
-Hide-and-Seek. Loss: the 2-way cross-entropy of the match logits (class 1 = match), i.e. the binary
-cross-entropy of l1 - l0, on positive pairs (q, p) and negative pairs (q, n), symmetrised over the
-input order: the mean over (q,p), (p,q), (q,n), (n,q), which equals the mean of the losses of both
-orders (CVNet supp. Tab. S7 "loss symmetrization").
+pairs and hard-negative pools of tools/select_pairs.py, with Hide-and-Seek and the input geometry of
+RERANK_TRAIN.GEOMETRY: square (TRAIN.AUG crop/jitter/flip to TRAIN.IMG_SIZE^2, equal shapes) or
+native (aspect kept, as the test protocol feeds the re-ranker); RERANK_TRAIN.QUERY_CROP inliers
+crops the query to the part the positive shows, as a test query is cropped to its landmark box.
+Images travel as lists; the module batches the images, and the pairs, of equal shapes.
+
+Loss: the 2-way cross-entropy of the match logits (class 1 = match), i.e. the binary cross-entropy
+of l1 - l0, on positive pairs (q, p) and negative pairs (q, n), symmetrised over the input order:
+the mean over (q,p), (p,q), (q,n), (n,q), which equals the mean of the losses of both orders (CVNet
+supp. Tab. S7 "loss symmetrization").
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from yacs.config import CfgNode
 
 from cvnet.rerank_model import CVNetRerank
-from cvnet.tuples import HideAndSeek, TupleSampler, read_hard_negatives, read_positive_pairs
+from cvnet.tuples import (
+    Box,
+    HideAndSeek,
+    TupleSampler,
+    read_hard_negatives,
+    read_positive_pairs,
+    read_query_boxes,
+)
 from retrieval.checkpoint import (
     load_model_weights,
     load_state_strict,
     read_model_state,
     save_checkpoint,
 )
-from retrieval.data.augment import build_train_augment
+from retrieval.data.augment import NativeAugment, build_train_augment
 from retrieval.data.gldv2 import Transform, image_path, read_train_csv
 from retrieval.data.image_io import ImageReadError, read_image
 from retrieval.engine.trainer import TrainTask
@@ -39,6 +52,27 @@ from retrieval.modeling.registry import build_model
 
 logger = logging.getLogger(__name__)
 ROLES = ("query", "positive", "negative")
+# Smallest side of a cropped training query: the re-ranker's pyramid needs 17 px, the test protocol
+# upscales queries below TEST.MIN_SIDE (32).
+MIN_QUERY_SIDE = 32
+
+
+def _grow(lo: float, hi: float, limit: int) -> tuple[float, float]:
+    """Interval [lo, hi] grown about its centre to MIN_QUERY_SIDE, shifted to stay in [0, limit]."""
+    need = max(MIN_QUERY_SIDE - (hi - lo), 0) / 2
+    lo, hi = lo - need, hi + need
+    shift = max(-lo, 0) - max(hi - limit, 0)
+    return max(lo + shift, 0), min(hi + shift, limit)
+
+
+def expand_box(box: Box, margin: float, width: int, height: int) -> Box:
+    """``box`` grown by ``margin`` of its size on each side inside the (width, height) image, then
+    to MIN_QUERY_SIDE where the image allows."""
+    x0, y0, x1, y1 = box
+    mx, my = margin * (x1 - x0), margin * (y1 - y0)
+    x0, x1 = _grow(max(x0 - mx, 0), min(x1 + mx, width), width)
+    y0, y1 = _grow(max(y0 - my, 0), min(y1 + my, height), height)
+    return int(x0), int(y0), int(np.ceil(x1)), int(np.ceil(y1))
 
 
 class RerankTupleDataset(Dataset):
@@ -53,6 +87,8 @@ class RerankTupleDataset(Dataset):
         hide: HideAndSeek,
         seed: int = 0,
         skip_unreadable: bool = False,
+        query_boxes: Mapping[tuple[int, int], Box] | None = None,
+        crop_margin: float = 0.1,
     ) -> None:
         self.image_ids, self.image_dir, self.sampler = image_ids, Path(image_dir), sampler
         self.transform, self.hide, self.seed, self.skip_unreadable = (
@@ -61,6 +97,7 @@ class RerankTupleDataset(Dataset):
             seed,
             skip_unreadable,
         )
+        self.query_boxes, self.crop_margin = query_boxes, crop_margin  # None: whole query
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -71,16 +108,21 @@ class RerankTupleDataset(Dataset):
         return len(self.sampler)
 
     def _images(self, index: int) -> dict:
-        """Augmented (3, S, S) query, positive and negative of tuple ``index``."""
+        """Augmented (3, H, W) query, positive and negative of tuple ``index``."""
         item, rng = self.tuples[index], np.random.default_rng([self.seed, self.epoch, index])
         out = {"hard": item.hard}
         for role, image in zip(ROLES, (item.query, item.positive, item.negative)):
             pixels = read_image(image_path(self.image_dir, self.image_ids[image]))
+            if role == "query" and self.query_boxes is not None:
+                height, width = pixels.shape[:2]
+                box = self.query_boxes[item.query, item.positive]
+                x0, y0, x1, y1 = expand_box(box, self.crop_margin, width, height)
+                pixels = pixels[y0:y1, x0:x1]
             out[role] = self.hide(self.transform(pixels, rng), self.epoch, rng)
         return out
 
     def __getitem__(self, index: int) -> dict:
-        """{"query", "positive", "negative": (3, S, S), "hard", "unreadable": tuples skipped}."""
+        """{"query", "positive", "negative": (3, H, W), "hard", "unreadable": tuples skipped}."""
         for attempt in range(len(self)):
             try:
                 return {**self._images((index + attempt) % len(self)), "unreadable": attempt}
@@ -100,6 +142,14 @@ def symmetric_match_loss(
     )
 
 
+def shape_groups(keys: Sequence[Hashable]) -> list[list[int]]:
+    """Indices grouped by equal key, groups in order of first appearance."""
+    groups: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
 class RerankTrainModule(nn.Module):
     """CVNet-Rerank with a frozen encoder: forward(batch) -> {'loss_match', 'acc_match'}."""
 
@@ -114,26 +164,43 @@ class RerankTrainModule(nn.Module):
         self.model.encoder.eval()
         return self
 
-    def pyramids(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """(N, 3, S, S) -> pyramid levels (N, C', h_i, w_i); no gradient through the encoder."""
-        with torch.no_grad():
-            dense = self.model.extract_dense(images)
-        return self.model.build_pyramid(dense)
+    def pyramids(self, images: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Images (3, H_i, W_i) -> per image its pyramid levels (1, C', h, w). Images of one shape
+        share an encoder pass; no gradient through the encoder."""
+        out: list[list[torch.Tensor]] = [[] for _ in images]
+        for group in shape_groups([tuple(image.shape) for image in images]):
+            with torch.no_grad():
+                dense = self.model.extract_dense(torch.stack([images[i] for i in group]))
+            levels = self.model.build_pyramid(dense)  # each (len(group), C', h, w)
+            for row, index in enumerate(group):
+                out[index] = [level[row : row + 1] for level in levels]
+        return out
 
-    def logits(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-        """Pyramids of a and b (batch N) -> (N, 2) match logits of the pairs (a_i, b_i)."""
-        return self.model.logits(a, b)
+    def logits(self, a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Per-pair pyramids of a and b (N pairs) -> (N, 2) match logits of the pairs (a_i, b_i);
+        pairs of equal shapes are scored as one batch."""
+        keys = [tuple(level.shape for level in x + y) for x, y in zip(a, b)]
+        out: list[torch.Tensor] = [torch.empty(0)] * len(a)
+        for group in shape_groups(keys):
+            logits = self.model.logits(
+                [torch.cat(levels) for levels in zip(*(a[i] for i in group))],
+                [torch.cat(levels) for levels in zip(*(b[i] for i in group))],
+            )  # (len(group), 2)
+            for row, index in enumerate(group):
+                out[index] = logits[row]
+        return torch.stack(out)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Symmetrised match loss of (q, p) positives and (q, n) negatives."""
+        """Symmetrised match loss of (q, p) positives and (q, n) negatives; the images of each role
+        are a list of (3, H, W) (or an (N, 3, S, S) batch)."""
         q, p, n = batch["query"], batch["positive"], batch["negative"]
-        size = q.shape[0]
-        levels = self.pyramids(torch.cat([q, p, n]))  # each level (3B, C', h, w)
-        q_pyr, p_pyr, n_pyr = zip(*(level.split(size) for level in levels))
-        # pairs (q, p) then (q, n): anchors (2B, ...) hold q twice
-        anchors = [torch.cat([a, a]) for a in q_pyr]
-        others = [torch.cat([b, c]) for b, c in zip(p_pyr, n_pyr)]
-        target = torch.cat([torch.ones(size), torch.zeros(size)]).long().to(q.device)  # 1 = match
+        size = len(q)
+        pyramids = self.pyramids([*q, *p, *n])
+        q_pyr, p_pyr, n_pyr = pyramids[:size], pyramids[size : 2 * size], pyramids[2 * size :]
+        # pairs (q, p) then (q, n): the anchors hold q twice
+        anchors, others = q_pyr + q_pyr, p_pyr + n_pyr
+        device = q[0].device
+        target = torch.cat([torch.ones(size), torch.zeros(size)]).long().to(device)  # 1 = match
         logits_ab, logits_ba = self.logits(anchors, others), self.logits(others, anchors)
         accuracy = (torch.cat([logits_ab, logits_ba]).argmax(1) == target.repeat(2)).float().mean()
         return {
@@ -175,6 +242,13 @@ def build_rerank_model(cfg: CfgNode) -> CVNetRerank:
     return model
 
 
+def build_rerank_augment(cfg: CfgNode) -> Transform:
+    """The per-image transform of RERANK_TRAIN.GEOMETRY."""
+    if cfg.RERANK_TRAIN.GEOMETRY == "native":
+        return NativeAugment(cfg.TRAIN.IMG_SIZE, cfg.TRAIN.AUG.COLOR_JITTER, cfg.MODEL.INPUT_FORMAT)
+    return build_train_augment(cfg)
+
+
 def build_tuple_sampler(cfg: CfgNode, image_ids: list[str], labels: list[int]) -> TupleSampler:
     """TupleSampler from RERANK_TRAIN.* (pairs and pools read from DATA.ROOT)."""
     root, r = Path(cfg.DATA.ROOT), cfg.RERANK_TRAIN
@@ -204,16 +278,27 @@ class RerankTask(TrainTask):
         hide = HideAndSeek(
             cfg.RERANK_TRAIN.HIDE_GRID, tuple(cfg.RERANK_TRAIN.HIDE_PROB), cfg.TRAIN.EPOCHS
         )
+        query_boxes = None
+        if cfg.RERANK_TRAIN.QUERY_CROP == "inliers":
+            index_of = {image: i for i, image in enumerate(train_list.image_ids)}
+            query_boxes = read_query_boxes(root / cfg.RERANK_TRAIN.PAIRS_CSV, index_of)
         self.dataset = RerankTupleDataset(
             train_list.image_ids,
             root / cfg.TRAIN.IMAGE_DIR,
             self.sampler,
-            build_train_augment(cfg),
+            build_rerank_augment(cfg),
             hide,
             cfg.SEED,
             cfg.DATA.SKIP_UNREADABLE,
+            query_boxes,
+            cfg.RERANK_TRAIN.QUERY_CROP_MARGIN,
         )
         self.module = RerankTrainModule(build_rerank_model(cfg))
+
+    def collate(self, samples: list[dict]) -> dict:
+        """Images stay lists of (3, H, W), which differ in size under GEOMETRY native."""
+        rest = default_collate([{k: v for k, v in s.items() if k not in ROLES} for s in samples])
+        return {**rest, **{role: [s[role] for s in samples] for role in ROLES}}
 
     def before_epoch(self, epoch: int) -> None:
         """Draw the tuples (hard-negative ratio, Hide-and-Seek probability) of the epoch."""

@@ -61,13 +61,21 @@ def set_train_mode(module: nn.Module, freeze_bn: bool) -> None:
             layer.eval()
 
 
+def _tensor_to_device(value: torch.Tensor, device: torch.device, channels_last: bool):
+    """One tensor on ``device``; a 4-D float tensor (images) in channels_last when asked."""
+    value = value.to(device, non_blocking=True)
+    if channels_last and value.dim() == 4 and value.is_floating_point():
+        value = value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
 def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
-    """Move tensors to ``device``; 4-D float tensors (images) get channels_last when asked."""
+    """Move tensors, and lists of tensors (images of different sizes), to ``device``."""
     moved = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if channels_last and value.dim() == 4 and value.is_floating_point():
-                value = value.contiguous(memory_format=torch.channels_last)
+            value = _tensor_to_device(value, device, channels_last)
+        elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            value = [_tensor_to_device(v, device, channels_last) for v in value]
         moved[key] = value
     return moved

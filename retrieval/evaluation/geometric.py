@@ -64,25 +64,26 @@ def match_features(
     return a.keypoints[pairs[:, 0]].astype(np.float64), b.keypoints[pairs[:, 1]].astype(np.float64)
 
 
-# An inlier counter: (src (M, 2), dst (M, 2)) matched pixel coordinates -> number of RANSAC inliers.
-Estimator = Callable[[np.ndarray, np.ndarray], int]
+# A RANSAC inlier finder: (src (M, 2), dst (M, 2)) matched pixel coordinates -> inlier mask (M,)
+# bool. The mask, not only its count: pair selection keeps where the inliers lie (the overlap box).
+Estimator = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def degensac_inliers(
+def degensac_mask(
     src: np.ndarray,
     dst: np.ndarray,
     px_threshold: float,
     confidence: float,
     max_iters: int,
     seed: int = 0,
-) -> int:
-    """Inliers of a pydegensac homography (0 below 4 matches); fixed seed: reproducible."""
+) -> np.ndarray:
+    """Inlier mask (M,) of a pydegensac homography (none below 4 matches); fixed seed."""
     import pydegensac  # lazily: only the GV paths need it
 
     if len(src) < MIN_SAMPLES["degensac"]:
-        return 0
+        return np.zeros(len(src), bool)
     _, mask = pydegensac.findHomography(src, dst, px_threshold, confidence, max_iters, seed=seed)
-    return int(np.asarray(mask).sum()) if mask is not None else 0
+    return np.asarray(mask, bool).reshape(-1) if mask is not None else np.zeros(len(src), bool)
 
 
 def _euclidean_loss(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
@@ -90,14 +91,14 @@ def _euclidean_loss(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     return np.linalg.norm(y_true - y_pred, axis=1)
 
 
-def sklearn_inliers(
+def sklearn_mask(
     src: np.ndarray, dst: np.ndarray, px_threshold: float, max_iters: int, seed: int = 0
-) -> int:
-    """Inliers of an affine dst = A src + t by sklearn's RANSACRegressor (0 below 3 matches)."""
+) -> np.ndarray:
+    """Inlier mask (M,) of an affine dst = A src + t by sklearn's RANSACRegressor."""
     from sklearn.linear_model import LinearRegression, RANSACRegressor  # lazily: optional GV path
 
     if len(src) < MIN_SAMPLES["sklearn"]:
-        return 0
+        return np.zeros(len(src), bool)
     ransac = RANSACRegressor(
         LinearRegression(),
         min_samples=MIN_SAMPLES["sklearn"],
@@ -109,21 +110,21 @@ def sklearn_inliers(
     try:
         ransac.fit(src, dst)
     except ValueError:  # no consensus set found within max_trials
-        return 0
-    return int(ransac.inlier_mask_.sum())
+        return np.zeros(len(src), bool)
+    return np.asarray(ransac.inlier_mask_, bool)
 
 
 def build_estimator(
     name: str, px_threshold: float = 16.0, confidence: float = 0.999, max_iters: int = 1000
 ) -> Estimator:
-    """The inlier counter named ``name`` ('degensac' homography | 'sklearn' affine)."""
+    """The inlier finder named ``name`` ('degensac' homography | 'sklearn' affine)."""
     # partials of module functions pickle, so the estimator can run in worker processes
     if name == "degensac":
         return partial(
-            degensac_inliers, px_threshold=px_threshold, confidence=confidence, max_iters=max_iters
+            degensac_mask, px_threshold=px_threshold, confidence=confidence, max_iters=max_iters
         )
     if name == "sklearn":
-        return partial(sklearn_inliers, px_threshold=px_threshold, max_iters=max_iters)
+        return partial(sklearn_mask, px_threshold=px_threshold, max_iters=max_iters)
     raise ValueError(f"GV estimator {name!r} unknown; expected one of {ESTIMATORS}")
 
 
@@ -135,7 +136,7 @@ class GeometricVerifier:
 
     def inliers(self, a: LocalFeatures, b: LocalFeatures) -> int:
         """RANSAC inliers among the mutual nearest-neighbour matches of a and b."""
-        return self.estimator(*match_features(a, b, self.device))
+        return int(self.estimator(*match_features(a, b, self.device)).sum())
 
 
 class ImageSource(Protocol):
