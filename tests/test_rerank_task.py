@@ -25,6 +25,7 @@ from retrieval.engine.rerank_task import (
     expand_box,
     symmetric_match_loss,
 )
+from retrieval.engine.task import to_device
 from retrieval.engine.trainer import train
 from retrieval.modeling.registry import build_model
 
@@ -332,3 +333,11 @@ def test_pairs_csv_with_and_without_query_boxes(tmp_path):
     path.write_text("query_id,positive_id,landmark_id,inliers,query_box\na,b,7,40,30 2 1 40\n")
     with pytest.raises(ValueError, match=r"pairs.csv:2: query_box '30 2 1 40'"):
         read_query_boxes(path, index_of)
+
+
+def test_to_device_moves_lists_of_images_of_different_sizes():
+    images = [torch.zeros(3, 8, 8), torch.zeros(3, 4, 6)]
+    batch = {"query": images, "hard": torch.zeros(2), "name": ["a", "b"]}
+    moved = to_device(batch, torch.device("meta"), channels_last=True)
+    assert [x.device.type for x in moved["query"]] == ["meta", "meta"]
+    assert moved["hard"].device.type == "meta" and moved["name"] == ["a", "b"]
