@@ -6,8 +6,10 @@ Reads TRAIN.CSV / TRAIN.IMAGE_DIR (GLDv2 format). Global descriptors come from a
 model (MODEL.WEIGHTS of cvnet_global or senet; with a cvnet_rerank config, the encoder of
 MODEL.RERANK.GLOBAL_WEIGHTS) at TEST.SCALES, cached in OUTPUT_DIR. Local features and RANSAC
 follow TEST.GV_* (geometric.py); pairs are kept with >= RERANK_TRAIN.MIN_INLIERS inliers. Writes
-RERANK_TRAIN.PAIRS_CSV and RERANK_TRAIN.HARD_NEG_CSV (relative to DATA.ROOT); an interrupted run
-continues where it stopped (progress in <PAIRS_CSV>.progress/).
+RERANK_TRAIN.PAIRS_CSV (with the box of each query's inliers, for RERANK_TRAIN.QUERY_CROP) and
+RERANK_TRAIN.HARD_NEG_CSV (relative to DATA.ROOT); an interrupted run continues where it stopped
+(progress in <PAIRS_CSV>.progress/; progress of other settings or of a version without the boxes is
+refused: run with --restart).
 """
 
 from __future__ import annotations
