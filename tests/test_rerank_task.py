@@ -237,10 +237,13 @@ def test_engine_trains_in_the_test_geometry_on_inlier_cropped_queries(tmp_path):
     assert np.isfinite(train(cfg, task)["loss_match"])
 
 
-def test_query_crop_needs_the_boxes_of_the_pairs_csv(tmp_path):
+def test_query_crop_needs_the_boxes_of_the_pairs_csv_and_a_valid_margin(tmp_path):
     write_tiny_gldv2(tmp_path)  # written without query_box
     _, cfg = tiny_training(tmp_path, ["RERANK_TRAIN.QUERY_CROP", "inliers"])
     with pytest.raises(ValueError, match="pairs.csv has no query_box column.*--restart"):
+        build_task(cfg)
+    _, cfg = tiny_training(tmp_path, ["RERANK_TRAIN.QUERY_CROP_MARGIN", -0.1])
+    with pytest.raises(ValueError, match="RERANK_TRAIN.QUERY_CROP_MARGIN must be >= 0, got -0.1"):
         build_task(cfg)
 
 

@@ -278,7 +278,9 @@ class RerankTask(TrainTask):
         hide = HideAndSeek(
             cfg.RERANK_TRAIN.HIDE_GRID, tuple(cfg.RERANK_TRAIN.HIDE_PROB), cfg.TRAIN.EPOCHS
         )
-        query_boxes = None
+        query_boxes, margin = None, cfg.RERANK_TRAIN.QUERY_CROP_MARGIN
+        if margin < 0:
+            raise ValueError(f"RERANK_TRAIN.QUERY_CROP_MARGIN must be >= 0, got {margin}")
         if cfg.RERANK_TRAIN.QUERY_CROP == "inliers":
             index_of = {image: i for i, image in enumerate(train_list.image_ids)}
             query_boxes = read_query_boxes(root / cfg.RERANK_TRAIN.PAIRS_CSV, index_of)
@@ -291,7 +293,7 @@ class RerankTask(TrainTask):
             cfg.SEED,
             cfg.DATA.SKIP_UNREADABLE,
             query_boxes,
-            cfg.RERANK_TRAIN.QUERY_CROP_MARGIN,
+            margin,
         )
         self.module = RerankTrainModule(build_rerank_model(cfg))
 
