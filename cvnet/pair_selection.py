@@ -8,9 +8,9 @@ only classes with more than MIN_CLASS_IMAGES images in kept pairs stay. Output C
 ``query_id,positive_id,landmark_id,inliers,query_box`` with both directions of every kept pair;
 query_box is ``x0 y0 x1 y1``, the bounding box of the inliers in the query's pixels: the part of the
 query seen in the positive, to which RERANK_TRAIN.QUERY_CROP inliers crops the training query the
-way the test protocol crops a query to its landmark. Hard-negative
-pools (Tab. S1): per image of the kept subset, its HARD_NEG_POOL nearest neighbours of other kept
-classes, CSV ``query_id,negative_ids`` (space-separated, nearest first).
+way the test protocol crops a query to its landmark. Hard-negative pools (Tab. S1): per image of the
+kept subset, its HARD_NEG_POOL nearest neighbours of other kept classes, CSV
+``query_id,negative_ids`` (space-separated, nearest first).
 
 Work is cut into chunks of whole classes. Per chunk the main process extracts local features and
 matches them (on the device); RANSAC runs in worker processes. Every finished chunk stores the raw
@@ -281,9 +281,10 @@ def write_outputs(
     subset: np.ndarray,
 ) -> None:
     """Atomically write the pairs CSV (both directions, sorted) and the hard-negative CSV."""
-    # (query, positive, inliers, query box): each kept pair in both directions
-    rows = [[a, b, c, box_a] for a, b, c, *box_a, _, _, _, _ in kept.tolist()]
-    rows += [[b, a, c, box_b] for a, b, c, _, _, _, _, *box_b in kept.tolist()]
+    # (query, positive, inliers, query box): each kept pair in both directions; kept rows hold the
+    # inlier box in i at 3:7 and in j at 7:11
+    rows = [[i, j, c, boxes[:4]] for i, j, c, *boxes in kept.tolist()]
+    rows += [[j, i, c, boxes[4:]] for i, j, c, *boxes in kept.tolist()]
     rows.sort()
     pairs_csv.parent.mkdir(parents=True, exist_ok=True)
     _write_csv(

@@ -50,7 +50,7 @@ def read_positive_pairs(
 ) -> dict[int, list[int]]:
     """query index -> overlapped positives from the pairs CSV (query_box optional)."""
     positives: dict[int, list[int]] = {}
-    for line, row in _rows(path, PAIRS_COLUMNS, PAIRS_COLUMNS[:4]):
+    for line, row in _rows(path, PAIRS_COLUMNS, PAIRS_COLUMNS[:4])[1]:
         positives.setdefault(_index(index_of, row[0], path, line), []).append(
             _index(index_of, row[1], path, line)
         )
@@ -61,14 +61,15 @@ def read_query_boxes(
     path: str | os.PathLike, index_of: Mapping[str, int]
 ) -> dict[tuple[int, int], Box]:
     """(query, positive) index pair -> the box of the query that the positive shows (inliers)."""
-    path, boxes = Path(path), {}
-    if _header(path) == PAIRS_COLUMNS[:4]:
+    header, rows = _rows(path, PAIRS_COLUMNS, PAIRS_COLUMNS[:4])
+    if header != PAIRS_COLUMNS:
         raise ValueError(
             f"{path} has no query_box column (written before tools/select_pairs.py stored the "
             "inlier boxes): rerun tools/select_pairs.py with --restart, or set "
             "RERANK_TRAIN.QUERY_CROP none"
         )
-    for line, row in _rows(path, PAIRS_COLUMNS):
+    boxes = {}
+    for line, row in rows:
         box = tuple(int(v) for v in row[4].split()) if _is_box(row[4]) else None
         if box is None or not (0 <= box[0] < box[2] and 0 <= box[1] < box[3]):
             raise ValueError(f"{path}:{line}: query_box {row[4]!r} is not 'x0 y0 x1 y1' pixels")
@@ -88,26 +89,21 @@ def read_hard_negatives(
 ) -> dict[int, list[int]]:
     """query index -> hard-negative pool (nearest first) from a CSV query_id,negative_ids."""
     pools = {}
-    for line, row in _rows(path, ["query_id", "negative_ids"]):
+    for line, row in _rows(path, ["query_id", "negative_ids"])[1]:
         pools[_index(index_of, row[0], path, line)] = [
             _index(index_of, i, path, line) for i in row[1].split()
         ]
     return pools
 
 
-def _header(path: Path) -> list[str] | None:
-    """First CSV row of an existing file (None when empty)."""
+def _rows(
+    path: str | os.PathLike, *headers: list[str]
+) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(header, [(line number, fields)]) of a CSV after checking that its header is one of
+    ``headers`` and every row has as many fields."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (written by tools/select_pairs.py)")
-    with path.open(newline="") as handle:
-        return next(csv.reader(handle), None)
-
-
-def _rows(path: str | os.PathLike, *headers: list[str]) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of a CSV after checking that its header is one of ``headers`` and
-    every row has as many fields."""
-    path = Path(path)
-    _header(path)
     with path.open(newline="") as handle:
         rows = list(csv.reader(handle))
     if not rows or rows[0] not in headers:
@@ -119,7 +115,7 @@ def _rows(path: str | os.PathLike, *headers: list[str]) -> list[tuple[int, list[
             raise ValueError(
                 f"{path}:{line}: expected {len(header)} fields ({','.join(header)}), got {row!r}"
             )
-    return list(enumerate(rows[1:], start=2))
+    return header, list(enumerate(rows[1:], start=2))
 
 
 def _index(index_of: Mapping[str, int], image_id: str, path: str | os.PathLike, line: int) -> int:
