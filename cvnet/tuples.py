@@ -45,37 +45,30 @@ PAIRS_COLUMNS = ["query_id", "positive_id", "landmark_id", "inliers", "query_box
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1 and y1 exclusive
 
 
-def read_positive_pairs(
-    path: str | os.PathLike, index_of: Mapping[str, int]
-) -> dict[int, list[int]]:
-    """query index -> overlapped positives from the pairs CSV (query_box optional)."""
-    positives: dict[int, list[int]] = {}
-    for line, row in _rows(path, PAIRS_COLUMNS, PAIRS_COLUMNS[:4])[1]:
-        positives.setdefault(_index(index_of, row[0], path, line), []).append(
-            _index(index_of, row[1], path, line)
-        )
-    return positives
-
-
-def read_query_boxes(
-    path: str | os.PathLike, index_of: Mapping[str, int]
-) -> dict[tuple[int, int], Box]:
-    """(query, positive) index pair -> the box of the query that the positive shows (inliers)."""
+def read_pairs(
+    path: str | os.PathLike, index_of: Mapping[str, int], with_boxes: bool = False
+) -> tuple[dict[int, list[int]], dict[tuple[int, int], Box] | None]:
+    """The pairs CSV in one pass: query index -> overlapped positives and, with ``with_boxes``,
+    (query, positive) index pair -> the box of the query that the positive shows (inliers; the
+    file needs the query_box column). Without ``with_boxes`` the boxes are None and optional."""
     header, rows = _rows(path, PAIRS_COLUMNS, PAIRS_COLUMNS[:4])
-    if header != PAIRS_COLUMNS:
+    if with_boxes and header != PAIRS_COLUMNS:
         raise ValueError(
             f"{path} has no query_box column (written before tools/select_pairs.py stored the "
             "inlier boxes): rerun tools/select_pairs.py with --restart, or set "
             "RERANK_TRAIN.QUERY_CROP none"
         )
-    boxes = {}
+    positives: dict[int, list[int]] = {}
+    boxes: dict[tuple[int, int], Box] | None = {} if with_boxes else None
     for line, row in rows:
-        box = tuple(int(v) for v in row[4].split()) if _is_box(row[4]) else None
-        if box is None or not (0 <= box[0] < box[2] and 0 <= box[1] < box[3]):
-            raise ValueError(f"{path}:{line}: query_box {row[4]!r} is not 'x0 y0 x1 y1' pixels")
-        pair = (_index(index_of, row[0], path, line), _index(index_of, row[1], path, line))
-        boxes[pair] = box
-    return boxes
+        query, positive = _index(index_of, row[0], path, line), _index(index_of, row[1], path, line)
+        positives.setdefault(query, []).append(positive)
+        if boxes is not None:
+            box = tuple(int(v) for v in row[4].split()) if _is_box(row[4]) else None
+            if box is None or not (0 <= box[0] < box[2] and 0 <= box[1] < box[3]):
+                raise ValueError(f"{path}:{line}: query_box {row[4]!r} is not 'x0 y0 x1 y1' pixels")
+            boxes[(query, positive)] = box
+    return positives, boxes
 
 
 def _is_box(text: str) -> bool:

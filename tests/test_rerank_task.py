@@ -12,8 +12,7 @@ from cvnet.tuples import (
     HideAndSeek,
     TupleSampler,
     linear_schedule,
-    read_positive_pairs,
-    read_query_boxes,
+    read_pairs,
 )
 from retrieval.checkpoint import load_checkpoint, save_checkpoint
 from retrieval.config import load_cfg
@@ -329,13 +328,13 @@ def test_pairs_csv_with_and_without_query_boxes(tmp_path):
     index_of = {"a": 0, "b": 1}
     path = tmp_path / "pairs.csv"
     path.write_text("query_id,positive_id,landmark_id,inliers,query_box\na,b,7,40,1 2 30 40\n")
-    assert read_positive_pairs(path, index_of) == {0: [1]}
-    assert read_query_boxes(path, index_of) == {(0, 1): (1, 2, 30, 40)}
+    assert read_pairs(path, index_of) == ({0: [1]}, None)
+    assert read_pairs(path, index_of, with_boxes=True) == ({0: [1]}, {(0, 1): (1, 2, 30, 40)})
     path.write_text("query_id,positive_id,landmark_id,inliers\na,b,7,40\n")  # an older file
-    assert read_positive_pairs(path, index_of) == {0: [1]}
+    assert read_pairs(path, index_of) == ({0: [1]}, None)
     path.write_text("query_id,positive_id,landmark_id,inliers,query_box\na,b,7,40,30 2 1 40\n")
     with pytest.raises(ValueError, match=r"pairs.csv:2: query_box '30 2 1 40'"):
-        read_query_boxes(path, index_of)
+        read_pairs(path, index_of, with_boxes=True)
 
 
 def test_to_device_moves_lists_of_images_of_different_sizes():

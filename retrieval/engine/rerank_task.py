@@ -34,8 +34,7 @@ from cvnet.tuples import (
     HideAndSeek,
     TupleSampler,
     read_hard_negatives,
-    read_positive_pairs,
-    read_query_boxes,
+    read_pairs,
 )
 from retrieval.checkpoint import (
     load_model_weights,
@@ -249,12 +248,13 @@ def build_rerank_augment(cfg: CfgNode) -> Transform:
     return build_train_augment(cfg)
 
 
-def build_tuple_sampler(cfg: CfgNode, image_ids: list[str], labels: list[int]) -> TupleSampler:
-    """TupleSampler from RERANK_TRAIN.* (pairs and pools read from DATA.ROOT)."""
-    root, r = Path(cfg.DATA.ROOT), cfg.RERANK_TRAIN
-    index_of = {image: i for i, image in enumerate(image_ids)}
-    positives = read_positive_pairs(root / r.PAIRS_CSV, index_of)
-    pools = read_hard_negatives(root / r.HARD_NEG_CSV, index_of)
+def build_tuple_sampler(
+    cfg: CfgNode, index_of: Mapping[str, int], labels: list[int], positives: dict[int, list[int]]
+) -> TupleSampler:
+    """TupleSampler from RERANK_TRAIN.*, the positives of the pairs CSV and the hard-negative pools
+    (read from DATA.ROOT)."""
+    r = cfg.RERANK_TRAIN
+    pools = read_hard_negatives(Path(cfg.DATA.ROOT) / r.HARD_NEG_CSV, index_of)
     return TupleSampler(
         labels,
         positives,
@@ -274,16 +274,18 @@ class RerankTask(TrainTask):
     def __init__(self, cfg: CfgNode) -> None:
         root, self.cfg = Path(cfg.DATA.ROOT), cfg
         train_list = read_train_csv(root / cfg.TRAIN.CSV)
-        self.sampler = build_tuple_sampler(cfg, train_list.image_ids, train_list.labels)
+        margin = cfg.RERANK_TRAIN.QUERY_CROP_MARGIN
+        if margin < 0:
+            raise ValueError(f"RERANK_TRAIN.QUERY_CROP_MARGIN must be >= 0, got {margin}")
+        index_of = {image: i for i, image in enumerate(train_list.image_ids)}
+        # one pass over the pairs CSV gives the sampler's positives and the query crops' boxes
+        positives, query_boxes = read_pairs(
+            root / cfg.RERANK_TRAIN.PAIRS_CSV, index_of, cfg.RERANK_TRAIN.QUERY_CROP == "inliers"
+        )
+        self.sampler = build_tuple_sampler(cfg, index_of, train_list.labels, positives)
         hide = HideAndSeek(
             cfg.RERANK_TRAIN.HIDE_GRID, tuple(cfg.RERANK_TRAIN.HIDE_PROB), cfg.TRAIN.EPOCHS
         )
-        query_boxes, margin = None, cfg.RERANK_TRAIN.QUERY_CROP_MARGIN
-        if margin < 0:
-            raise ValueError(f"RERANK_TRAIN.QUERY_CROP_MARGIN must be >= 0, got {margin}")
-        if cfg.RERANK_TRAIN.QUERY_CROP == "inliers":
-            index_of = {image: i for i, image in enumerate(train_list.image_ids)}
-            query_boxes = read_query_boxes(root / cfg.RERANK_TRAIN.PAIRS_CSV, index_of)
         self.dataset = RerankTupleDataset(
             train_list.image_ids,
             root / cfg.TRAIN.IMAGE_DIR,
