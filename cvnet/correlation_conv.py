@@ -76,10 +76,11 @@ def correlate_first_layer(
     k_levels: Sequence[torch.Tensor],
     pairs: Sequence[tuple[int, int]],
 ) -> torch.Tensor:
-    """``conv4d(correlation_fast(q_levels, k_levels, pairs))`` without the volume.
+    """``conv4d(correlation_fast(q_levels, k_levels, pairs))`` without the volume, channels last.
 
     Pyramids (Bq, C', h_i, w_i) and (Bk, C', h_j, w_j), last level full scale, Bq = 1 or Bk ->
-    (B, O, ceil(Hq/s), ceil(Wq/s), ceil(Hk/s), ceil(Wk/s)).
+    (B, ceil(Hq/s), ceil(Wq/s), ceil(Hk/s), ceil(Wk/s), O), the layout of
+    ``CVLearner.from_first_convs``.
     """
     size_q, size_k = tuple(q_levels[-1].shape[-2:]), tuple(k_levels[-1].shape[-2:])
     num_scales, stride = len(q_levels), conv4d.stride
@@ -108,6 +109,6 @@ def correlate_first_layer(
         _remapped_weight(conv4d.conv2, pairs, num_scales, query_major=True),
     )  # (B*hq'*wq', O, hk', wk')
     channels = out_q.shape[1]
-    out_q = out_q.view(batch, hk, wk, channels, hq, wq).permute(0, 3, 4, 5, 1, 2)
-    out_k = out_k.view(batch, hq, wq, channels, hk, wk).permute(0, 3, 1, 2, 4, 5)
-    return out_q + out_k
+    # both into the channels-last layout of the 4D CNN that follows: one strided copy, one sum
+    out = out_k.view(batch, hq, wq, channels, hk, wk).permute(0, 1, 2, 4, 5, 3).contiguous()
+    return out.add_(out_q.view(batch, hk, wk, channels, hq, wq).permute(0, 4, 5, 1, 2, 3))

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cvnet.conv4d import CenterPivotConv4d
@@ -53,6 +54,27 @@ def conv4d_block(
         ]
         in_channels = out_channels
     return nn.Sequential(*modules)
+
+
+def group_norm_channels_last(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm`` over a channels-last 4D volume (B, ha, wa, hb, wb, C) -> same shape and layout."""
+    batch, ha, wa, hb, wb, channels = x.shape
+    # read as a channels-last (B, C, ha*wa, hb*wb) map, which group_norm keeps channels last
+    plane = x.view(batch, ha * wa, hb * wb, channels).permute(0, 3, 1, 2)
+    out = F.group_norm(plane, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return out.permute(0, 2, 3, 1).contiguous().view(x.shape)
+
+
+def run_channels_last(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """[CenterPivotConv4d, GroupNorm, ReLU] modules of a block on (B, ha, wa, hb, wb, C)."""
+    for layer in layers:
+        if isinstance(layer, CenterPivotConv4d):
+            x = layer.forward_channels_last(x)
+        elif isinstance(layer, nn.GroupNorm):
+            x = group_norm_channels_last(layer, x)
+        else:  # ReLU: elementwise, any layout
+            x = layer(x)
+    return x
 
 
 class CVLearner(nn.Module):
@@ -108,16 +130,20 @@ class CVLearner(nn.Module):
         return [block1[0] for block1, _ in self._stems]
 
     def forward(self, corrs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """List of (B, P, hq, wq, hk, wk) correlations -> (B, 2) logits."""
-        return self.from_first_convs(
-            [conv(corr) for conv, corr in zip(self.first_convs, corrs, strict=True)]
-        )
-
-    def from_first_convs(self, firsts: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Outputs of ``first_convs`` (B, 16, h, w, h', w'), one per input -> (B, 2) logits."""
+        """List of (B, P, hq, wq, hk, wk) correlations -> (B, 2) logits, channels first throughout
+        (the official layout; the straightforward path)."""
         x = sum(
-            block2(block1[1:](first))  # block1's GroupNorm + ReLU, then block2
-            for first, (block1, block2) in zip(firsts, self._stems, strict=True)
+            block2(block1(corr)) for corr, (block1, block2) in zip(corrs, self._stems, strict=True)
         )
         x = self.block4(self.block3(x))  # (B, 128, h, w, h', w')
         return self.mlp(x.flatten(2).mean(dim=2))  # 4D global average pool -> (B, 128) -> (B, 2)
+
+    def from_first_convs(self, firsts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Channels-last outputs of ``first_convs`` (B, h, w, h', w', 16), one per input -> (B, 2)
+        logits; equal to ``forward`` up to float rounding (cvnet/conv4d.py: the two layouts)."""
+        x = sum(
+            run_channels_last(block2, run_channels_last(block1[1:], first))  # block1's GN + ReLU
+            for first, (block1, block2) in zip(firsts, self._stems, strict=True)
+        )
+        x = run_channels_last(self.block4, run_channels_last(self.block3, x))  # (B, ..., 128)
+        return self.mlp(x.flatten(1, -2).mean(dim=1))  # 4D global average pool -> (B, 2)

@@ -1,4 +1,5 @@
-"""Center-pivot 4D convolution against an independent dense 4D convolution; the 4D resize."""
+"""Center-pivot 4D convolution (both layouts) against an independent dense 4D convolution; the
+channels-last GroupNorm; the 4D resize."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cvnet.conv4d import CenterPivotConv4d
 from cvnet.correlation import cosine_correlation, interpolate4d
+from cvnet.learner import group_norm_channels_last
 
 
 def dense_center_pivot_kernel(conv: CenterPivotConv4d) -> torch.Tensor:
@@ -56,7 +59,13 @@ def _randomize_bias(conv: CenterPivotConv4d, generator: torch.Generator) -> None
 
 @pytest.mark.parametrize(
     "kernel,stride,size",
-    [(3, 1, (5, 4, 3, 6)), (3, 2, (5, 7, 6, 3)), (5, 2, (7, 5, 4, 9)), (5, 1, (3, 4, 5, 2))],
+    [
+        (3, 1, (5, 4, 3, 6)),
+        (3, 2, (5, 7, 6, 3)),
+        (5, 2, (7, 5, 4, 9)),
+        (5, 1, (3, 4, 5, 2)),
+        (3, 2, (4, 1, 1, 5)),  # size-1 dims: the channels-last views are ambiguous there
+    ],
 )
 def test_center_pivot_equals_dense_4d_conv(kernel, stride, size):
     torch.manual_seed(0)
@@ -69,6 +78,10 @@ def test_center_pivot_equals_dense_4d_conv(kernel, stride, size):
     out = conv(x)
     assert out.shape == expected.shape == (2, 4, *[-(-n // stride) for n in size])
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    # the channels-last layout of the fast path computes the same operator
+    last = conv.forward_channels_last(x.permute(0, 2, 3, 4, 5, 1).contiguous())
+    assert last.is_contiguous()
+    torch.testing.assert_close(last, expected.permute(0, 2, 3, 4, 5, 1), rtol=0, atol=1e-10)
 
 
 def test_center_pivot_matches_explicit_2d_loops():
@@ -182,9 +195,28 @@ def test_bf16_gradients_of_width_one_maps_are_finite_on_cpu():
     conv = CenterPivotConv4d(16, 32, 3, 2)
     for ha, wa, hb, wb in [(3, 1, 2, 2), (2, 2, 5, 1), (1, 1, 3, 1), (4, 1, 4, 1)] * 5:
         x = torch.randn(2, 16, ha, wa, hb, wb, requires_grad=True)
-        conv.zero_grad()
-        with torch.autocast("cpu", torch.bfloat16):
-            out = conv(x)
-        out.float().backward(torch.randn(out.shape))
-        grads = [x.grad, *(p.grad for p in conv.parameters())]
-        assert all(torch.isfinite(g).all() for g in grads), (ha, wa, hb, wb)
+        for channels_last in (False, True):
+            x.grad = None
+            conv.zero_grad()
+            with torch.autocast("cpu", torch.bfloat16):
+                if channels_last:
+                    out = conv.forward_channels_last(x.permute(0, 2, 3, 4, 5, 1).contiguous())
+                else:
+                    out = conv(x)
+            out.float().backward(torch.randn(out.shape))
+            grads = [x.grad, *(p.grad for p in conv.parameters())]
+            assert all(torch.isfinite(g).all() for g in grads), (ha, wa, hb, wb, channels_last)
+
+
+@pytest.mark.parametrize("size", [(3, 4, 5, 2), (1, 1, 3, 2), (2, 3, 1, 1), (1, 1, 1, 1)])
+def test_group_norm_channels_last_equals_group_norm(size):
+    """Statistics per (sample, group) over all four dims, affine per channel, layout kept."""
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(4, 8)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 8, *size) * 3 + 1
+    out = group_norm_channels_last(norm, x.permute(0, 2, 3, 4, 5, 1).contiguous())
+    assert out.shape == (2, *size, 8) and out.is_contiguous()
+    torch.testing.assert_close(out, norm(x).permute(0, 2, 3, 4, 5, 1), rtol=0, atol=1e-5)

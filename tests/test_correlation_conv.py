@@ -41,12 +41,12 @@ def test_fused_first_layer_equals_conv_of_volume(block1, cross_scale, symmetric,
     q, k = pyramid(q_batch, hq, wq, 1), pyramid(3, hk, wk, 2)
     (conv,) = learner.first_convs
     with torch.no_grad():
-        expected = conv(correlation_fast(q, k, pairs))
+        expected = conv(correlation_fast(q, k, pairs)).permute(0, 2, 3, 4, 5, 1)  # channels last
         fused = correlate_first_layer(conv, q, k, pairs)
         q_full = [x.expand(3, -1, -1, -1) for x in q]  # the official order takes equal batches
         official = learner([correlation_reference(q_full, k, pairs)])
         logits = learner.from_first_convs([fused])
-    assert fused.shape == expected.shape
+    assert fused.shape == expected.shape and fused.is_contiguous()
     torch.testing.assert_close(fused, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(logits, official, rtol=0, atol=1e-5)
 
