@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 
@@ -198,6 +199,25 @@ def test_cached_batched_scores_equal_straightforward(r50, tmp_path):
     assert sorted(db.calls) == [0, 1, 2, 3, 4] and query.calls == [7]
     np.testing.assert_array_equal(reranker.score(7, ids[::-1]), scores[::-1])
     assert sorted(db.calls) == [0, 1, 2, 3, 4] and query.calls == [7]  # nothing recomputed
+
+
+@pytest.mark.gpu
+def test_cached_batched_scores_on_cuda_equal_straightforward_on_cpu(r50, tmp_path):
+    """The fast path on CUDA (cuDNN convs over the channels-last 4D volumes) against the official
+    computation on the CPU: fp32 without TF32 to 1e-5, bf16 autocast within 2e-3."""
+    model = copy.deepcopy(r50).cuda()
+    query = Counter({7: image(81, 113, 7)})
+    db = Counter({i: image(*s, 10 + i) for i, s in DB_SIZES.items()})
+    ids = np.array([3, 0, 1, 2, 4, 0])
+    expected = [straightforward_score(r50, query.images[7], db.images[i]) for i in ids]
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for amp, tolerance in ((None, 1e-5), (torch.bfloat16, 2e-3)):
+            cache = PyramidCache(cache_meta_for(model, "float32"), tmp_path / str(amp))
+            reranker = CVNetReranker(
+                model, query, db, cache, device="cuda", batch_size=2, amp_dtype=amp
+            )
+            scores = reranker.score(7, ids)
+            np.testing.assert_allclose(scores, expected, rtol=0, atol=tolerance, err_msg=str(amp))
 
 
 def test_quantized_caches_stay_within_documented_tolerance(r50):
