@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# (B, C, ha, wa, hb, wb) <-> (B, C, hb, wb, ha, wa): a view, its own inverse.
+SWAP_QUERY_KEY = (0, 1, 4, 5, 2, 3)
+
 
 def _unsafe_cpu_bf16_backward(x: torch.Tensor) -> bool:
     """True when a conv over ``x`` would run the CPU bf16 backward that fails on size-1 maps."""
@@ -62,7 +65,8 @@ def _conv3d_query_dims(conv: nn.Conv2d, x: torch.Tensor, stride: int) -> torch.T
 
 
 def _conv_query_dims(conv: nn.Conv2d, x: torch.Tensor, stride: int) -> torch.Tensor:
-    """Query-side branch: (B, C, ha, wa, hb, wb) -> (B, O, ha', wa', hb', wb')."""
+    """Query-side branch: (B, C, ha, wa, hb, wb) -> (B, O, ha', wa', hb', wb'). The key-side branch
+    is this one on the volume with the two pairs of dims swapped (``SWAP_QUERY_KEY``)."""
     x = x[..., ::stride, ::stride]
     batch, channels, ha, wa, hb, wb = x.shape
     # (B, C, ha, wa, hb, wb) -> (B*hb*wb, C, ha, wa): key positions folded into the batch
@@ -70,17 +74,6 @@ def _conv_query_dims(conv: nn.Conv2d, x: torch.Tensor, stride: int) -> torch.Ten
     out = _conv2d(conv, folded)
     out = out.view(batch, hb, wb, *out.shape[1:])  # (B, hb, wb, O, ha', wa')
     return out.permute(0, 3, 4, 5, 1, 2)
-
-
-def _conv_key_dims(conv: nn.Conv2d, x: torch.Tensor, stride: int) -> torch.Tensor:
-    """Key-side branch: (B, C, ha, wa, hb, wb) -> (B, O, ha', wa', hb', wb')."""
-    x = x[:, :, ::stride, ::stride]
-    batch, channels, ha, wa, hb, wb = x.shape
-    # (B, C, ha, wa, hb, wb) -> (B*ha*wa, C, hb, wb): query positions folded into the batch
-    folded = x.permute(0, 2, 3, 1, 4, 5).reshape(batch * ha * wa, channels, hb, wb)
-    out = _conv2d(conv, folded)
-    out = out.view(batch, ha, wa, *out.shape[1:])  # (B, ha, wa, O, hb', wb')
-    return out.permute(0, 3, 1, 2, 4, 5)
 
 
 def _query_dims_channels_last(conv: nn.Conv2d, x: torch.Tensor, stride: int) -> torch.Tensor:
@@ -140,9 +133,8 @@ class CenterPivotConv4d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, ha, wa, hb, wb) -> (B, O, ceil(ha/s), ceil(wa/s), ceil(hb/s), ceil(wb/s))."""
-        return _conv_query_dims(self.conv1, x, self.stride) + _conv_key_dims(
-            self.conv2, x, self.stride
-        )
+        key_side = _conv_query_dims(self.conv2, x.permute(SWAP_QUERY_KEY), self.stride)
+        return _conv_query_dims(self.conv1, x, self.stride) + key_side.permute(SWAP_QUERY_KEY)
 
     def forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
         """(B, ha, wa, hb, wb, C) contiguous -> (B, ceil(ha/s), ..., ceil(wb/s), O) contiguous."""
