@@ -119,22 +119,35 @@ class CVNetReranker:
         """Match probabilities (len(db_indices),) of the query vs database ids (higher = better).
 
         Database pyramids are grouped by size and scored as soon as a group fills a batch, so at
-        most about (number of distinct sizes x batch) pyramids are held at once.
+        most about (number of distinct sizes x batch) pyramids are held at once. The scores stay on
+        the device until the whole shortlist is queued: one synchronisation per query, so the host
+        assembles the next batch while the device computes the last.
         """
         q_levels = self.query_pyramid(query_index)
         ids = np.asarray(db_indices, dtype=np.int64).reshape(-1)
-        scores = np.zeros(ids.size, dtype=np.float32)
+        positions: list[int] = []
+        batch_scores: list[torch.Tensor] = []  # (B,) on the device, in the order of ``positions``
         pending: dict[tuple, list[tuple[int, list[torch.Tensor]]]] = defaultdict(list)
+
+        def flush(group: list[tuple[int, list[torch.Tensor]]]) -> None:
+            if group:
+                positions.extend(position for position, _ in group)
+                batch_scores.append(self._score_batch(q_levels, [levels for _, levels in group]))
+                group.clear()
+
         cached = self._read_ahead(ids.tolist())
         for position, (index, levels) in enumerate(zip(ids.tolist(), cached)):
             levels = levels if levels is not None else self.db_pyramid(index)
             group = pending[tuple(tuple(x.shape[-2:]) for x in levels)]
             group.append((position, levels))
             if len(group) >= self._chunk_size(q_levels, levels):
-                self._flush(q_levels, group, scores)
+                flush(group)
         for group in pending.values():
-            self._flush(q_levels, group, scores)
+            flush(group)
         self.cache.flush()  # pyramids computed here are on disk (or their write error raised)
+        scores = np.zeros(ids.size, dtype=np.float32)
+        if batch_scores:
+            scores[positions] = torch.cat(batch_scores).cpu().numpy()
         return scores
 
     def _read_ahead(self, ids: list[int]) -> Iterator[list[torch.Tensor] | None]:
@@ -147,12 +160,3 @@ class CVNetReranker:
                 reads.append(pool.submit(self.cache.get, index, self.device))
             while reads:
                 yield reads.popleft().result()
-
-    def _flush(self, q_levels: list[torch.Tensor], group: list, scores: np.ndarray) -> None:
-        """Score a group of equal-size database pyramids into ``scores`` and empty the group."""
-        if group:
-            positions = [position for position, _ in group]
-            scores[positions] = (
-                self._score_batch(q_levels, [levels for _, levels in group]).cpu().numpy()
-            )
-            group.clear()
