@@ -21,6 +21,8 @@ Two layouts of the same operator:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,18 +31,7 @@ from torch import nn
 SWAP_QUERY_KEY = (0, 1, 4, 5, 2, 3)
 
 
-def _unsafe_cpu_bf16_backward(x: torch.Tensor) -> bool:
-    """True when a conv over ``x`` would run the CPU bf16 backward that fails on size-1 maps (seen
-    for width 1; any size-1 dim is guarded, as the 3D conv's dims are the 2D conv's reordered)."""
-    return (
-        min(x.shape[2:]) == 1
-        and x.device.type == "cpu"
-        and torch.is_grad_enabled()
-        and torch.is_autocast_enabled("cpu")
-    )
-
-
-def _conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def _conv_bf16_safe(conv: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """conv(x), in float32 for a size-1 map dim when a gradient flows under CPU bf16 autocast.
 
     On CPU, PyTorch 2.14's bf16 backward of a stride-2 conv over a width-1 map returns non-finite
@@ -49,7 +40,13 @@ def _conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     gradient poisons every weight through the clipping norm. The forward is correct, so inference
     keeps bf16.
     """
-    if _unsafe_cpu_bf16_backward(x):
+    # seen for width 1; every size-1 dim is guarded (the 3D conv's dims are the 2D ones reordered)
+    if (
+        min(x.shape[2:]) == 1
+        and x.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and torch.is_autocast_enabled("cpu")
+    ):
         with torch.autocast("cpu", enabled=False):
             return conv(x.float())
     return conv(x)
@@ -58,11 +55,10 @@ def _conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 def _conv3d_query_dims(conv: nn.Conv2d, x: torch.Tensor, stride: int) -> torch.Tensor:
     """conv's 2D kernel as a (k, k, 1) 3D conv over (B, C, ha, wa, L) -> (B, O, ha', wa', L)."""
     pad = conv.padding[0]
-    weight, bias = conv.weight.unsqueeze(-1), conv.bias  # (O, C, k, k, 1)
-    if _unsafe_cpu_bf16_backward(x):
-        with torch.autocast("cpu", enabled=False):
-            return F.conv3d(x.float(), weight, bias, (stride, stride, 1), (pad, pad, 0))
-    return F.conv3d(x, weight, bias, (stride, stride, 1), (pad, pad, 0))
+    weight = conv.weight.unsqueeze(-1)  # (O, C, k, k, 1)
+    return _conv_bf16_safe(
+        lambda v: F.conv3d(v, weight, conv.bias, (stride, stride, 1), (pad, pad, 0)), x
+    )
 
 
 def _conv_query_dims(conv: nn.Conv2d, x: torch.Tensor, stride: int) -> torch.Tensor:
@@ -72,7 +68,7 @@ def _conv_query_dims(conv: nn.Conv2d, x: torch.Tensor, stride: int) -> torch.Ten
     batch, channels, ha, wa, hb, wb = x.shape
     # (B, C, ha, wa, hb, wb) -> (B*hb*wb, C, ha, wa): key positions folded into the batch
     folded = x.permute(0, 4, 5, 1, 2, 3).reshape(batch * hb * wb, channels, ha, wa)
-    out = _conv2d(conv, folded)
+    out = _conv_bf16_safe(conv, folded)
     out = out.view(batch, hb, wb, *out.shape[1:])  # (B, hb, wb, O, ha', wa')
     return out.permute(0, 3, 4, 5, 1, 2)
 
@@ -97,7 +93,7 @@ def _key_dims_channels_last(conv: nn.Conv2d, x: torch.Tensor, stride: int) -> to
     batch, ha, wa, hb, wb, channels = x.shape
     # (B*ha*wa, hb, wb, C) read as a channels-last (B*ha*wa, C, hb, wb) batch: no copy
     folded = x.view(batch * ha * wa, hb, wb, channels).permute(0, 3, 1, 2)
-    out = _conv2d(conv, folded)  # (B*ha*wa, O, hb', wb'), channels last
+    out = _conv_bf16_safe(conv, folded)  # (B*ha*wa, O, hb', wb'), channels last
     return out.permute(0, 2, 3, 1).contiguous().view(batch, ha, wa, *out.shape[2:], -1)
 
 
