@@ -19,16 +19,27 @@ NATIVE_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
-    """Feature flags of the first CPU in ``cpuinfo`` (empty where the file is absent: not Linux)."""
+def cpuinfo_field(name: str, cpuinfo: Path = CPUINFO) -> str:
+    """The value of ``name`` for the first CPU in ``cpuinfo`` ('' where absent, or not Linux)."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return frozenset()
+        return ""
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    return frozenset()
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return ""
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
+    """Feature flags of the first CPU in ``cpuinfo`` (empty where the file is absent: not Linux)."""
+    return frozenset(cpuinfo_field("flags", cpuinfo).split())
+
+
+def native_bf16_cpu(flags: Iterable[str] | None = None) -> bool:
+    """Whether the CPU (``flags``, default the host's) computes bf16 natively."""
+    return bool(NATIVE_BF16_CPU_FLAGS & frozenset(cpu_flags() if flags is None else flags))
 
 
 def resolve_amp(amp: str, device: torch.device, flags: Iterable[str] | None = None) -> str:
@@ -39,6 +50,5 @@ def resolve_amp(amp: str, device: torch.device, flags: Iterable[str] | None = No
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type == "cpu":
-        native = NATIVE_BF16_CPU_FLAGS & frozenset(cpu_flags() if flags is None else flags)
-        return "bf16" if native else "off"
+        return "bf16" if native_bf16_cpu(flags) else "off"
     return "off"

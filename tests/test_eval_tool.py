@@ -14,7 +14,9 @@ from test_revisitop_data import _write_gldv2, make_tiny_revisitop
 from retrieval.checkpoint import save_checkpoint
 from retrieval.config import load_cfg
 from retrieval.data.revisitop import load_revisitop
+from retrieval.evaluation import rerankers
 from retrieval.evaluation.evaluator import evaluate
+from retrieval.evaluation.extract import ExtractSettings
 from retrieval.evaluation.metrics import evaluate_revisitop, gldv2_map_at_k
 from retrieval.evaluation.report import format_markdown
 from retrieval.evaluation.rerankers import RERANKERS, RerankContext, import_reranker_module
@@ -168,6 +170,20 @@ def test_missing_reranker_module_is_a_clear_error(tmp_path) -> None:
     context = RerankContext("x", [], None, [], None, torch.device("cpu"), None, tmp_path)
     with pytest.raises(ValueError, match="CVNet-Rerank model"):
         RERANKERS["cvnet"](cfg, None, context)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["avx2", "amx"])
+def test_cpu_bf16_scoring_warns_where_bf16_is_not_native(tmp_path, monkeypatch, caplog, native):
+    """bf16 on a CPU without bf16 arithmetic is slower than fp32: kept, but the log says so."""
+    opts = ["MODEL.ARCH", "cvnet_rerank", "MODEL.RERANK.COMPRESS_DIM", 8, "TEST.AMP", "bf16"]
+    cfg = _cfg(tmp_path, *opts)
+    monkeypatch.setattr(rerankers, "native_bf16_cpu", lambda: native)
+    settings = ExtractSettings.from_cfg(cfg)
+    context = RerankContext("x", [], None, [], None, torch.device("cpu"), settings, tmp_path)
+    with caplog.at_level("WARNING", logger="retrieval.evaluation.rerankers"):
+        reranker = RERANKERS["cvnet"](cfg, build_model(cfg), context)
+    assert reranker.amp_dtype == torch.bfloat16
+    assert ("slower than in fp32" in caplog.text) is not native
 
 
 def test_cvnet_rerank_checkpoint_end_to_end(tmp_path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from retrieval.precision import cpu_flags, resolve_amp
+from retrieval.precision import cpu_flags, cpuinfo_field, native_bf16_cpu, resolve_amp
 
 CPU = torch.device("cpu")
 
@@ -15,6 +15,9 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
     cpuinfo.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse2 avx512f amx_bf16\n")
     assert cpu_flags(cpuinfo) == {"fpu", "sse2", "avx512f", "amx_bf16"}
     assert cpu_flags(tmp_path / "absent") == frozenset()  # not Linux: no native bf16 assumed
+    assert cpuinfo_field("model name", cpuinfo) == "X"
+    assert cpuinfo_field("model name", tmp_path / "absent") == ""
+    assert native_bf16_cpu(cpu_flags(cpuinfo)) and not native_bf16_cpu({"avx2"})
 
 
 @pytest.mark.parametrize(

@@ -27,10 +27,16 @@ def machine() -> dict:
     """Where the numbers were measured."""
     import torch
 
+    from retrieval.precision import cpuinfo_field, native_bf16_cpu
+
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        # CPU timings depend on the vector units: bf16 is fast only where it is native
+        "cpu": cpuinfo_field("model name") or platform.processor(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16_cpu": native_bf16_cpu(),
         "device": device,
         "torch": torch.__version__,
     }

@@ -248,7 +248,8 @@ _choice(_C.TEST, "TEST", "CROP", "truncate", ("truncate", "round", "none"))
 _C.TEST.MIN_SIDE = 32
 # Batch size of feature extraction (1 = official; >1 only batches equal-size images).
 _C.TEST.BATCH_SIZE = 1
-# Mixed precision of extraction and re-rank scoring on CUDA (CPU: bf16 re-rank scoring only).
+# Mixed precision of extraction and re-rank scoring on CUDA (CPU: bf16 re-rank scoring only, which
+# is faster than fp32 only where the CPU has native bf16, AMX or AVX512-BF16).
 _choice(_C.TEST, "TEST", "AMP", "off", ("off", "bf16", "fp16"))
 # Reuse saved features when their metadata matches.
 _C.TEST.CACHE_FEATURES = True

@@ -25,7 +25,7 @@ from torch import nn
 from retrieval.data.revisitop import ImageListDataset
 from retrieval.evaluation.extract import DenseTap, ExtractSettings
 from retrieval.evaluation.rerank import Reranker
-from retrieval.precision import AMP_DTYPES
+from retrieval.precision import AMP_DTYPES, native_bf16_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +77,16 @@ def _cvnet_reranker(cfg, rerank_model: nn.Module | None, context: RerankContext)
     cache = context.pyramids
     if cache is None:
         cache = _pyramid_cache(cfg, rerank_model, context)
-    # TEST.AMP: CUDA autocast; on the CPU only bf16 (fast there, fp16 is not), and only for the
-    # scoring: global extraction stays fp32 on the CPU.
+    # TEST.AMP: CUDA autocast; on the CPU only bf16 (fp16 has no fast CPU kernels), and only for
+    # the scoring: global extraction stays fp32 on the CPU.
     amp = AMP_DTYPES[context.settings.amp]
     amp = amp if context.device.type == "cuda" or amp == torch.bfloat16 else None
+    if amp == torch.bfloat16 and context.device.type == "cpu" and not native_bf16_cpu():
+        logger.warning(
+            "TEST.AMP bf16 on a CPU without native bf16 (no AMX or AVX512-BF16 in /proc/cpuinfo): "
+            "the re-rank scoring will be slower than in fp32 (measured 13x slower on an AVX2 "
+            "host, docs/benchmarks/README.md); TEST.AMP off is faster here"
+        )
     return reranker_module.CVNetReranker(
         rerank_model.to(context.device),
         lambda i: queries[i].images[0][None],  # (3, H, W) -> (1, 3, H, W)
