@@ -25,9 +25,10 @@ from tqdm import tqdm
 from cvnet.cache import PyramidCache
 from cvnet.rerank_model import CVNetRerank
 
-# Full-volume equivalents alive while scoring one item: the fused first layer builds two branch
-# inputs of half a volume each at block1's stride 2, two full ones at stride 1 (f4); measured peak
-# (R50, 500x400 vs 1024x768, batch 8, CPU): 781 MiB, against 1484 MiB for the materialised volume.
+# Full-volume equivalents alive while scoring one item: the fused first layer holds two half-volume
+# buffers at block1's stride 2 (a branch input and its channels-last copy), two full ones at
+# stride 1 (f4); measured peak (R50, 500x400 vs 1024x768, batch 8, CPU): 585 MiB, against 1484 MiB
+# for the materialised volume.
 CORRELATION_COPIES = 2
 # Cached database pyramids read ahead of the scoring (each about 11 MB in fp32 for 1024x768).
 READ_AHEAD = 16

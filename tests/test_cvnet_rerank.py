@@ -442,9 +442,14 @@ def test_benchmark_quick_run():
             "1",
             "--shortlist",
             "4",
+            "--profile",
+            "3",
         ]
     )
     assert out["max_abs_score_diff"]["fp32_ours_vs_straightforward"] <= 1e-5
+    for ops in out["profile"].values():  # the three costliest ops, costliest first
+        assert len(ops) == 3 and ops[0]["self_cpu_ms"] >= ops[-1]["self_cpu_ms"] > 0
+        assert any(op["op"].startswith("aten::") for op in ops)
     assert out["pairs_per_s"]["ours_fp32"] > 0 and out["speedup"]["fp32"] > 0
     assert out["bytes_per_cached_image"]["int4"][256] == 256 // 2 * (2 * 2 + 3 * 2 + 4 * 3)
     assert set(out["quantized"]) == set(CODECS)

@@ -13,6 +13,9 @@ alike.
   correlation computed straight into the first 4D conv (cvnet/correlation_conv.py: no full
   volume), equal-size database items batched; fp32 and bf16 autocast.
 
+``--profile N`` adds, for one query's list of our fp32 and bf16 paths, the N ops with the most
+self time on the device (torch.profiler; device time on CUDA, CPU time on the CPU).
+
 pairs/s is reported for a shortlist of K pairs per query: K / (per-query cost + K * per-pair cost),
 each cost the median over the rounds. Scores of both fp32 paths must agree to 1e-5. Also reported:
 stored bytes per cached 1024x768 database image for every cache dtype and C', measured file sizes,
@@ -60,6 +63,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="our scoring batch")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="also profile one query of our fp32 and bf16 paths: the N costliest ops (0 = off)",
+    )
     parser.add_argument(
         "--no-quant", action="store_true", help="skip the quantized-cache score check"
     )
@@ -151,6 +160,27 @@ def measure_ours(
     return query_seconds, seconds / ids.size, scores
 
 
+def profile_ops(fn: Callable, device: torch.device, top: int) -> list[dict]:
+    """The ``top`` ops of one call of ``fn`` by self time on ``device``, costliest first."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [
+        {
+            "op": event.key,
+            "calls": event.count,
+            "self_device_ms": event.self_device_time_total / 1e3,
+            "self_cpu_ms": event.self_cpu_time_total / 1e3,
+        }
+        for event in events
+    ]
+
+
 def pairs_per_second(query_seconds: list[float], pair_seconds: list[float], k: int) -> float:
     """K pairs over (median per-query cost + K * median per-pair cost)."""
     return k / (statistics.median(query_seconds) + k * statistics.median(pair_seconds))
@@ -229,6 +259,12 @@ def run(argv: list[str]) -> dict:
         "db_size": args.db_size,
         **bytes_table(_size(args.db_size), model),
     }
+    if args.profile:
+        ids = np.tile(np.arange(len(dbs)), args.repeat)
+        results["profile"] = {
+            name: profile_ops(lambda r=reranker: r.score(0, ids), device, args.profile)
+            for name, reranker in (("ours_fp32", ours), ("ours_bf16", bf16))
+        }
     if not args.no_quant:
         results["quantized"] = quantized_checks(model, ours, len(dbs))
     return results
