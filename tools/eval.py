@@ -13,6 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import retrieval  # noqa: E402, F401  (first: its CPU allocator setting must precede torch)
+
+# isort: split
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
