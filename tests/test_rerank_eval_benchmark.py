@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pickle
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import cv2
 import pytest
+import torch
 
 from retrieval.benchmarks.rerank_eval import make_standin, parse_args, run, subset_gnd
 
@@ -100,3 +102,12 @@ def test_benchmark_tool_help_succeeds_and_a_wrong_name_fails() -> None:
     assert shown.returncode == 0 and "rerank-eval" in shown.stdout
     wrong = subprocess.run([*tool, "rerank_eval"], capture_output=True, text=True, check=False)
     assert wrong.returncode != 0 and "NAME one of" in wrong.stderr
+
+
+def test_results_name_the_cpu_and_its_bf16_support(monkeypatch) -> None:
+    """CPU timings depend on the vector units: every results file says which CPU made them."""
+    tool = runpy.run_path(str(Path(__file__).parents[1] / "tools" / "benchmark.py"))
+    monkeypatch.setattr("retrieval.precision.cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    record = tool["machine"]()
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert record["native_bf16_cpu"] is True and isinstance(record["cpu"], str)
