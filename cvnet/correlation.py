@@ -96,11 +96,23 @@ def normalize_locations(x: torch.Tensor) -> torch.Tensor:
 
 
 def upsampled_unit_levels(levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Normalise each level and resize it to the last (full-scale) level -> [(B, hw_full, C')]."""
+    """Normalise each level and resize it to the last (full-scale) level -> [(B, hw_full, C')],
+    contiguous.
+
+    The resize runs channels last: its output is then already the (B, hw, C') layout the
+    correlation matmuls read, and CUDA's channels-first bilinear kernel spreads its threads over
+    output positions only, looping over B x C' in each (0.65 ms per call for a batch of 16 on an
+    H100, the second costliest op of the scoring).
+    """
     size = tuple(levels[-1].shape[-2:])
-    return [
-        resize_bilinear(normalize_locations(x), size).flatten(2).transpose(1, 2) for x in levels
-    ]
+    units = []
+    for x in levels:
+        x = normalize_locations(x).contiguous(memory_format=torch.channels_last)
+        # (B, C', H, W) channels last: (B, H*W, C') in memory
+        units.append(
+            resize_bilinear(x, size).permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+        )
+    return units
 
 
 def correlation_fast(
