@@ -5,8 +5,9 @@ pair at batch 1 (spec/cvnet.md §5). Here the query pyramid is computed once per
 pyramids come from a ``PyramidCache`` (computed on first use, or pre-computed for the union of all
 shortlists, e.g. for +R1M), and the shortlist is scored in batches of database images of equal
 pyramid size; the correlation goes straight into the first 4D conv (``cvnet/correlation_conv.py``),
-so no full correlation volume is built. A worker thread reads the cached pyramids of a
-shortlist ahead of the scoring, so disk reads and host-to-device copies overlap the device work.
+so no full correlation volume is built. Worker threads read the cached pyramids of a shortlist
+ahead of the scoring, so disk reads and host-to-device copies overlap the device work; on CUDA they
+copy on a side stream of their own, so a read never waits for the scoring kernels queued before it.
 Pyramids are always computed in fp32 (their storage precision is the cache dtype); ``amp_dtype``
 applies to the scoring (correlation + 4D CNN) only.
 """
@@ -32,6 +33,11 @@ from cvnet.rerank_model import CVNetRerank
 CORRELATION_COPIES = 2
 # Cached database pyramids read ahead of the scoring (each about 11 MB in fp32 for 1024x768).
 READ_AHEAD = 16
+# Reader threads. On CUDA a read is host work (file read, unpickling: 0.9 ms for a 1024x768 fp16
+# item on an H100 host) plus a copy and decode on the side stream, 2.3 ms in all, against about
+# 1.2 ms of scoring per pair in batches of 8: one thread cannot keep up. On the CPU one thread
+# leaves the cores to the scoring.
+READ_THREADS = {"cuda": 4, "cpu": 1}
 
 
 def shortlist_union(shortlists: Iterable[np.ndarray]) -> np.ndarray:
@@ -44,7 +50,11 @@ class CVNetReranker:
     """score(query_index, db_indices) -> match probabilities with cached database pyramids.
 
     ``load_query(i)`` / ``load_db(j)`` return normalised (1, 3, H, W) tensors (query: cropped, scale
-    1.0; database: full image). ``memory_mb`` bounds the correlation volumes of one batch.
+    1.0; database: full image). ``memory_mb`` bounds the correlation volumes of the batches in
+    flight. ``streams`` > 1 scores that many batches at once, each from its own host thread (on
+    CUDA on its own stream). It pays on CUDA: every new (query size, database size, batch) shape
+    makes cuDNN build an execution plan for each of the 4D CNN's 18 convs on the host (about 1.3 ms
+    each), and each ROxf query brings a new size, so one thread leaves the GPU waiting for the host.
     """
 
     def __init__(
@@ -57,7 +67,10 @@ class CVNetReranker:
         batch_size: int = 8,
         amp_dtype: torch.dtype | None = None,
         memory_mb: int = 4096,
+        streams: int = 1,
     ) -> None:
+        if streams < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
         self.model = model.eval()
         self.load_query, self.load_db = load_query, load_db
         self.cache = cache
@@ -65,7 +78,10 @@ class CVNetReranker:
         self.batch_size = batch_size
         self.amp_dtype = amp_dtype
         self.memory_bytes = memory_mb * 2**20
+        self.streams = streams
         self._query: tuple[int, list[torch.Tensor]] | None = None
+        # cached pyramids are copied to the GPU on this stream, beside the scoring's
+        self._read_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def _scoring_precision(self) -> contextlib.AbstractContextManager:
         """Autocast for the scoring when an AMP dtype is set."""
@@ -101,11 +117,12 @@ class CVNetReranker:
         return len(missing)
 
     def _chunk_size(self, q_levels: list[torch.Tensor], k_levels: list[torch.Tensor]) -> int:
-        """Batch size whose correlation volumes fit in ``memory_mb``."""
+        """Batch size whose correlation volumes, for every stream, fit in ``memory_mb``."""
         per_item = (
             len(self.model.pairs) * q_levels[-1][0, 0].numel() * k_levels[-1][0, 0].numel() * 4
         )
-        return max(1, min(self.batch_size, self.memory_bytes // (CORRELATION_COPIES * per_item)))
+        budget = self.memory_bytes // self.streams
+        return max(1, min(self.batch_size, budget // (CORRELATION_COPIES * per_item)))
 
     @torch.inference_mode()
     def _score_batch(
@@ -115,6 +132,26 @@ class CVNetReranker:
         k_levels = [torch.cat(level) for level in zip(*batch)]  # per level (B, C', h_i, w_i)
         with self._scoring_precision():
             return self.model.score_pyramids(q_levels, k_levels).float()
+
+    def _score_on_stream(
+        self,
+        q_levels: list[torch.Tensor],
+        batch: list[list[torch.Tensor]],
+        inputs_ready: torch.cuda.Event | None,
+    ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """``_score_batch`` from a scoring thread, on CUDA on a pooled stream that first waits for
+        ``inputs_ready`` -> (scores, event recorded after them or None)."""
+        if inputs_ready is None:
+            return self._score_batch(q_levels, batch), None
+        stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(inputs_ready)
+            for tensor in [*q_levels, *(level for levels in batch for level in levels)]:
+                tensor.record_stream(stream)  # allocated on another stream, read on this one
+            scores = self._score_batch(q_levels, batch)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return scores, done
 
     def score(self, query_index: int, db_indices: np.ndarray) -> np.ndarray:
         """Match probabilities (len(db_indices),) of the query vs database ids (higher = better).
@@ -127,37 +164,86 @@ class CVNetReranker:
         q_levels = self.query_pyramid(query_index)
         ids = np.asarray(db_indices, dtype=np.int64).reshape(-1)
         positions: list[int] = []
-        batch_scores: list[torch.Tensor] = []  # (B,) on the device, in the order of ``positions``
+        batch_scores: list = []  # (B,) on the device (or its future), in the order of ``positions``
         pending: dict[tuple, list[tuple[int, list[torch.Tensor]]]] = defaultdict(list)
+        with contextlib.ExitStack() as stack:
+            pool = None
+            if self.streams > 1:
+                pool = stack.enter_context(
+                    ThreadPoolExecutor(self.streams, thread_name_prefix="rerank-score")
+                )
 
-        def flush(group: list[tuple[int, list[torch.Tensor]]]) -> None:
-            if group:
+            def flush(group: list[tuple[int, list[torch.Tensor]]]) -> None:
+                if not group:
+                    return
                 positions.extend(position for position, _ in group)
-                batch_scores.append(self._score_batch(q_levels, [levels for _, levels in group]))
+                batch = [levels for _, levels in group]
+                if pool is None:
+                    batch_scores.append(self._score_batch(q_levels, batch))
+                else:  # a scoring stream starts after what this stream has queued for it
+                    ready = None
+                    if self.device.type == "cuda":
+                        ready = torch.cuda.Event()
+                        ready.record(torch.cuda.current_stream(self.device))
+                    batch_scores.append(pool.submit(self._score_on_stream, q_levels, batch, ready))
                 group.clear()
 
-        cached = self._read_ahead(ids.tolist())
-        for position, (index, levels) in enumerate(zip(ids.tolist(), cached)):
-            levels = levels if levels is not None else self.db_pyramid(index)
-            group = pending[tuple(tuple(x.shape[-2:]) for x in levels)]
-            group.append((position, levels))
-            if len(group) >= self._chunk_size(q_levels, levels):
+            cached = self._read_ahead(ids.tolist())
+            for position, (index, levels) in enumerate(zip(ids.tolist(), cached)):
+                levels = levels if levels is not None else self.db_pyramid(index)
+                group = pending[tuple(tuple(x.shape[-2:]) for x in levels)]
+                group.append((position, levels))
+                if len(group) >= self._chunk_size(q_levels, levels):
+                    flush(group)
+            for group in pending.values():
                 flush(group)
-        for group in pending.values():
-            flush(group)
+            if pool is not None:
+                batch_scores = [self._joined(future.result()) for future in batch_scores]
         self.cache.flush()  # pyramids computed here are on disk (or their write error raised)
         scores = np.zeros(ids.size, dtype=np.float32)
         if batch_scores:
             scores[positions] = torch.cat(batch_scores).cpu().numpy()
         return scores
 
+    def _joined(self, result: tuple[torch.Tensor, torch.cuda.Event | None]) -> torch.Tensor:
+        """Scores of a scoring thread, safe to use on the current stream."""
+        scores, done = result
+        if done is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            scores.record_stream(stream)
+        return scores
+
     def _read_ahead(self, ids: list[int]) -> Iterator[list[torch.Tensor] | None]:
-        """The cached pyramids of ``ids`` in order (None where not cached), read on a worker thread
-        up to READ_AHEAD items ahead of the caller."""
-        with ThreadPoolExecutor(1, thread_name_prefix="pyramid-read") as pool:
-            reads = deque(pool.submit(self.cache.get, i, self.device) for i in ids[:READ_AHEAD])
+        """The cached pyramids of ``ids`` in order (None where not cached), read on worker threads
+        up to READ_AHEAD items ahead of the caller, ready for use on the caller's stream."""
+        threads = READ_THREADS.get(self.device.type, 1)
+        with ThreadPoolExecutor(threads, thread_name_prefix="pyramid-read") as pool:
+            reads = deque(pool.submit(self._read, i) for i in ids[:READ_AHEAD])
             for index in ids[READ_AHEAD:]:
-                yield reads.popleft().result()
-                reads.append(pool.submit(self.cache.get, index, self.device))
+                yield self._ready(*reads.popleft().result())
+                reads.append(pool.submit(self._read, index))
             while reads:
-                yield reads.popleft().result()
+                yield self._ready(*reads.popleft().result())
+
+    def _read(self, index: int) -> tuple[list[torch.Tensor] | None, torch.cuda.Event | None]:
+        """(cached pyramid or None, CUDA event of its copy on the read stream or None)."""
+        if self._read_stream is None:
+            return self.cache.get(index, self.device), None
+        with torch.cuda.stream(self._read_stream):
+            levels = self.cache.get(index, self.device)
+            copied = torch.cuda.Event()
+            copied.record()
+        return levels, copied
+
+    def _ready(
+        self, levels: list[torch.Tensor] | None, copied: torch.cuda.Event | None
+    ) -> list[torch.Tensor] | None:
+        """A read pyramid, safe to use on the current stream: that stream waits for its copy, and
+        its memory (allocated on the read stream) is not reused before the scoring has read it."""
+        if copied is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(copied)
+            for level in levels or ():
+                level.record_stream(stream)
+        return levels

@@ -201,10 +201,26 @@ def test_cached_batched_scores_equal_straightforward(r50, tmp_path):
     assert sorted(db.calls) == [0, 1, 2, 3, 4] and query.calls == [7]  # nothing recomputed
 
 
+def test_concurrent_scoring_streams_give_the_same_scores(r50):
+    """streams > 1: batches scored from several threads come back in shortlist order, and a
+    shortlist mixing sizes and repeats scores as one thread does."""
+    query = Counter({7: image(81, 113, 7)})
+    db = Counter({i: image(*s, 10 + i) for i, s in DB_SIZES.items()})
+    cache = PyramidCache(cache_meta_for(r50, "float32"))
+    ids = np.array([4, 3, 0, 1, 2, 0, 1, 3])
+    one = CVNetReranker(r50, query, db, cache, batch_size=2).score(7, ids)
+    three = CVNetReranker(r50, query, db, cache, batch_size=2, streams=3).score(7, ids)
+    np.testing.assert_allclose(three, one, rtol=0, atol=1e-6)
+    assert len(np.unique(one.round(6))) == 5  # five distinct pairs: a mix-up would show
+    with pytest.raises(ValueError, match="streams"):
+        CVNetReranker(r50, query, db, cache, streams=0)
+
+
 @pytest.mark.gpu
 def test_cached_batched_scores_on_cuda_equal_straightforward_on_cpu(r50, tmp_path):
     """The fast path on CUDA (cuDNN convs over the channels-last 4D volumes) against the official
-    computation on the CPU: fp32 without TF32 to 1e-5, bf16 autocast within 2e-3."""
+    computation on the CPU: fp32 without TF32 to 1e-5, bf16 autocast within 2e-3; once more from
+    the filled cache (side-stream reads) with concurrent scoring streams."""
     model = copy.deepcopy(r50).cuda()
     query = Counter({7: image(81, 113, 7)})
     db = Counter({i: image(*s, 10 + i) for i, s in DB_SIZES.items()})
@@ -218,6 +234,9 @@ def test_cached_batched_scores_on_cuda_equal_straightforward_on_cpu(r50, tmp_pat
             )
             scores = reranker.score(7, ids)
             np.testing.assert_allclose(scores, expected, rtol=0, atol=tolerance, err_msg=str(amp))
+            reranker.streams = 2
+            again = reranker.score(7, ids[::-1])[::-1]
+            np.testing.assert_allclose(again, scores, rtol=0, atol=1e-6, err_msg=str(amp))
 
 
 def test_quantized_caches_stay_within_documented_tolerance(r50):

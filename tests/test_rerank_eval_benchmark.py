@@ -40,9 +40,11 @@ def test_quick_run_times_every_phase_and_the_shared_pass_equals_the_lazy_path(tm
             *("--size-divisor", "8", "--topk", "5", "--depth", "18", "--workers", "0"),
             "--lazy",
             "--global-run",
+            *("--opts", "TEST.RERANK_STREAMS", "2"),  # concurrent scoring threads
         ]
     )
     assert out["shared_pass_used"] and out["lazy_equals_shared"]
+    assert out["setup"]["opts"] == ["TEST.RERANK_STREAMS", "2"]
     runs = out["runs"]
     assert set(runs) == {"shared_cold", "shared_warm", "global", "lazy_cold"}
     cold = runs["shared_cold"]["seconds"]

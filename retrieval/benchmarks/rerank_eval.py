@@ -75,6 +75,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--global-run", action="store_true", help="also time a global-only evaluation, cold"
     )
     parser.add_argument("--lazy", action="store_true", help="also time the lazy path, cold")
+    parser.add_argument(
+        "--opts",
+        nargs="*",
+        default=[],
+        metavar="KEY VALUE",
+        help="config overrides for every run, e.g. TEST.RERANK_STREAMS 4",
+    )
     args = parser.parse_args(argv)
     for flag, path in (("--gnd", Path(args.gnd)), ("--sizes-dir", _sizes_file(args))):
         if not path.is_file():
@@ -195,6 +202,7 @@ def _cfg(args: argparse.Namespace, data_root: Path, name: str, out: Path, opts: 
             *("DATA.ROOT", str(data_root), "DATA.NUM_WORKERS", str(args.workers)),
             *("TEST.DATASETS", f"['{name}']", "TEST.QE_N", "0", "OUTPUT_DIR", str(out)),
             *("TEST.RERANK_CACHE_DTYPE", args.cache_dtype, "TEST.AMP", args.amp),
+            *args.opts,
             *opts,
         ],
     )

@@ -94,6 +94,7 @@ def _cvnet_reranker(cfg, rerank_model: nn.Module | None, context: RerankContext)
         cache,
         context.device,
         amp_dtype=amp,
+        streams=cfg.TEST.RERANK_STREAMS,
     )
 
 
