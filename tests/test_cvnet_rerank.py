@@ -209,9 +209,20 @@ def test_concurrent_scoring_streams_give_the_same_scores(r50):
     cache = PyramidCache(cache_meta_for(r50, "float32"))
     ids = np.array([4, 3, 0, 1, 2, 0, 1, 3])
     one = CVNetReranker(r50, query, db, cache, batch_size=2).score(7, ids)
-    three = CVNetReranker(r50, query, db, cache, batch_size=2, streams=3).score(7, ids)
-    np.testing.assert_allclose(three, one, rtol=0, atol=1e-6)
+    reranker = CVNetReranker(r50, query, db, cache, batch_size=2, streams=3)
+    threads = set()
+    score_batch = reranker._score_batch
+
+    def recording(*args):
+        threads.add(threading.current_thread())
+        return score_batch(*args)
+
+    reranker._score_batch = recording
+    np.testing.assert_allclose(reranker.score(7, ids), one, rtol=0, atol=1e-6)
     assert len(np.unique(one.round(6))) == 5  # five distinct pairs: a mix-up would show
+    np.testing.assert_allclose(reranker.score(7, ids[::-1]), one[::-1], rtol=0, atol=1e-6)
+    # the same threads serve every call (PyTorch keeps cuDNN plans per thread)
+    assert threading.current_thread() not in threads and 1 <= len(threads) <= 3
     with pytest.raises(ValueError, match="streams"):
         CVNetReranker(r50, query, db, cache, streams=0)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 import torch
 from test_revisitop_data import _write_gldv2, make_tiny_revisitop
 
+import cvnet.reranker
 from retrieval.checkpoint import save_checkpoint
 from retrieval.config import load_cfg
 from retrieval.data.revisitop import load_revisitop
@@ -184,6 +187,25 @@ def test_cpu_bf16_scoring_warns_where_bf16_is_not_native(tmp_path, monkeypatch, 
         reranker = RERANKERS["cvnet"](cfg, build_model(cfg), context)
     assert reranker.amp_dtype == torch.bfloat16
     assert ("slower than in fp32" in caplog.text) is not native
+
+
+def test_scoring_streams_apply_on_cuda_only_and_are_checked(tmp_path, monkeypatch) -> None:
+    opts = ["MODEL.ARCH", "cvnet_rerank", "MODEL.RERANK.COMPRESS_DIM", 8]
+    cfg = _cfg(tmp_path, *opts, "TEST.RERANK_STREAMS", 3)
+    settings = ExtractSettings.from_cfg(cfg)
+    model = build_model(cfg)
+    context = RerankContext("x", [], None, [], None, torch.device("cpu"), settings, tmp_path)
+    assert RERANKERS["cvnet"](cfg, model, context).streams == 1
+    # on CUDA (faked: the reranker is not built, its arguments are recorded)
+    built = {}
+    monkeypatch.setattr(cvnet.reranker, "CVNetReranker", lambda *a, **kw: built.update(kw))
+    cuda = dataclasses.replace(context, device=torch.device("cuda"), pyramids=object())
+    RERANKERS["cvnet"](cfg, SimpleNamespace(to=lambda device: None), cuda)
+    assert built["streams"] == 3
+    cfg = _cfg(tmp_path, *opts, "TEST.RERANK_STREAMS", 0)
+    context = RerankContext("x", [], None, [], None, torch.device("cpu"), settings, tmp_path)
+    with pytest.raises(ValueError, match="TEST.RERANK_STREAMS=0"):
+        RERANKERS["cvnet"](cfg, model, context)
 
 
 def test_cvnet_rerank_checkpoint_end_to_end(tmp_path) -> None:

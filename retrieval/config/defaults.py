@@ -280,9 +280,10 @@ _choice(_C.TEST, "TEST", "RERANK_CACHE_DTYPE", "float16", ("float32", "float16",
 # Applies when the global and re-rank backbones are equal, TEST.SCALES holds 1.0,
 # TEST.CACHE_FEATURES is on and extraction runs in fp32; else pyramids are built when shortlisted.
 _C.TEST.RERANK_SHARED_PASS = True
-# CVNet-Rerank batches scored at once, each from its own host thread and, on CUDA, its own stream
-# (cvnet/reranker.py: cuDNN plans every new conv shape on the host, and each query brings new ones).
-_C.TEST.RERANK_STREAMS = 1
+# CVNet-Rerank batches scored at once on CUDA, each from its own host thread and stream (cuDNN plans
+# every new conv shape on the host, and each query brings new ones; cvnet/reranker.py). The CPU
+# scores from one thread.
+_C.TEST.RERANK_STREAMS = 4
 # Fusion weight: s_global + weight * s_rerank (CVNet: 0.5; Fig. S3).
 _C.TEST.RERANK_WEIGHT = 0.5
 # Re-ranker: cvnet (a CVNet-Rerank checkpoint) or gv (geometric verification with pydegensac).

@@ -72,6 +72,8 @@ def _cvnet_reranker(cfg, rerank_model: nn.Module | None, context: RerankContext)
             "TEST.RERANKER='cvnet' needs a CVNet-Rerank model: set TEST.RERANK_WEIGHTS or "
             "evaluate a MODEL.ARCH=cvnet_rerank checkpoint"
         )
+    if cfg.TEST.RERANK_STREAMS < 1:
+        raise ValueError(f"TEST.RERANK_STREAMS={cfg.TEST.RERANK_STREAMS}; expected an integer >= 1")
     reranker_module = import_reranker_module(cfg, "cvnet.reranker")
     queries, database = context.images((1.0,))
     cache = context.pyramids
@@ -94,7 +96,7 @@ def _cvnet_reranker(cfg, rerank_model: nn.Module | None, context: RerankContext)
         cache,
         context.device,
         amp_dtype=amp,
-        streams=cfg.TEST.RERANK_STREAMS,
+        streams=cfg.TEST.RERANK_STREAMS if context.device.type == "cuda" else 1,
     )
 
 
