@@ -1,7 +1,7 @@
 """Run a benchmark and write its results file.
 
   python tools/benchmark.py NAME [benchmark flags]
-  NAME in: eval-metrics, search, rerank, rerank-eval, train
+  NAME in: eval-metrics, search, rerank, rerank-eval, rerank-mix, train
 
 Each benchmark lives in retrieval/benchmarks/<name>.py and returns a dict; it is printed and written
 to docs/benchmarks/<name>.json (override with --out) together with the command line and the machine.
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BENCHMARKS = ("eval-metrics", "search", "rerank", "rerank-eval", "train")
+BENCHMARKS = ("eval-metrics", "search", "rerank", "rerank-eval", "rerank-mix", "train")
 
 
 def machine() -> dict:

@@ -1,0 +1,243 @@
+"""Benchmark: CVNet-Rerank scoring on ROxf's real mix of sizes, cold and warm, by scoring threads.
+
+``rerank`` times one query size against one database size; a real evaluation scores every query
+crop (each a new size) against database pyramids of many sizes, batched by equal size. On CUDA
+each new (query size, database size, batch) shape makes cuDNN plan every conv of the 4D CNN on the
+host, and PyTorch keeps those plans per thread. This benchmark separates that cost:
+
+* ``batch_sweep``: ms per pair of ``score_pyramids`` for one query crop (547x449, the median ROxf
+  query box) against 1024x768 database pyramids, by batch size, fp32 and bf16 autocast (warm).
+* ``mix``: ``--db-images`` database pyramids of sizes drawn from ``<name>_gallery_sizes.txt``, two
+  disjoint sets of ``--queries`` query crops of ROxf box sizes (from ``--gnd``), and per query a
+  shortlist of ``--topk`` random database items. Set A is scored by a reranker with one scoring
+  thread, cold (shapes never seen) then warm (the same calls again), then by one with
+  ``--streams`` threads; set B the other way round. The first reranker of each set scores once
+  more from an on-disk fp16 cache (reads included, plans warm).
+  The query pyramid (one backbone pass per query) is part of each query's time.
+* ``cache``: per database image, the compress convs alone, compress + ``PyramidCache.put`` to disk
+  (flushed), ``PyramidCache.get`` from disk to the device, and ``torch.load`` of one item.
+
+Random weights and images; the scores of one and of several threads must agree (reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cvnet.cache import PyramidCache, cache_meta_for
+from cvnet.rerank_model import CVNetRerank
+from cvnet.reranker import CVNetReranker
+from retrieval.benchmarks.rerank import _sync, build_random_model, profile_ops
+
+QUERY_CROP = (547, 449)  # H x W of the median ROxf query box
+DB_SIZE = (768, 1024)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Benchmark flags."""
+    parser = argparse.ArgumentParser(
+        prog="benchmark rerank-mix", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--gnd", required=True, help="real gnd_<name>.pkl (query boxes)")
+    parser.add_argument("--sizes-dir", required=True, help="folder of <name>_gallery_sizes.txt")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--depth", type=int, default=50, help="ResNet depth")
+    parser.add_argument("--db-images", type=int, default=400, help="database pyramids of the mix")
+    parser.add_argument("--queries", type=int, default=12, help="query crops per set (two sets)")
+    parser.add_argument("--topk", type=int, default=100, help="shortlist length per query")
+    parser.add_argument("--streams", type=int, default=4, help="scoring threads to compare with 1")
+    parser.add_argument("--size-divisor", type=int, default=1, help="divide every image size")
+    parser.add_argument("--batches", default="1,2,4,8,16", help="batch sizes of the sweep")
+    parser.add_argument("--profile", type=int, default=12, help="top ops of one batch of 16")
+    args = parser.parse_args(argv)
+    name = Path(args.gnd).stem.removeprefix("gnd_")
+    args.sizes_file = Path(args.sizes_dir) / f"{name}_gallery_sizes.txt"
+    for flag, path in (("--gnd", Path(args.gnd)), ("--sizes-dir", args.sizes_file)):
+        if not path.is_file():
+            parser.error(f"{flag}: {str(path)!r} is not a file")
+    if args.streams < 2:
+        parser.error(f"--streams {args.streams}: give at least 2 (it is compared with 1)")
+    return args
+
+
+def _median_seconds(fn: Callable, device: torch.device, reps: int = 5, warmup: int = 2) -> float:
+    """Median wall time of fn() after warm-up calls, device synchronised."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _image(size: tuple[int, int], divisor: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A random normalised (1, 3, H, W) image of size (H, W) / divisor."""
+    return torch.randn(
+        1, 3, max(17, size[0] // divisor), max(17, size[1] // divisor), device=device
+    )
+
+
+@torch.inference_mode()
+def batch_sweep(model: CVNetRerank, args, device: torch.device) -> tuple[dict, list]:
+    """({fp32|bf16}_b{B}: ms per batch and per pair, peak MiB}, profile of fp32 batch 16)."""
+    divisor = args.size_divisor
+    q = model.build_pyramid(model.extract_dense(_image(QUERY_CROP, divisor, device)))
+    k = model.build_pyramid(model.extract_dense(_image(DB_SIZE, divisor, device)))
+    sweep = {}
+    batches = [int(b) for b in args.batches.split(",")]
+    for amp in ("fp32", "bf16"):
+        for batch in batches if amp == "fp32" else [b for b in batches if b >= 8]:
+            k_batch = [level.expand(batch, -1, -1, -1).contiguous() for level in k]
+
+            def score(k_batch=k_batch, amp=amp):
+                with torch.autocast(device.type, torch.bfloat16, enabled=amp == "bf16"):
+                    return model.score_pyramids(q, k_batch)
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = _median_seconds(score, device)
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0
+            sweep[f"{amp}_b{batch}"] = {
+                "ms_batch": seconds * 1e3,
+                "ms_pair": seconds * 1e3 / batch,
+                "peak_mib": peak,
+            }
+    k_16 = [level.expand(16, -1, -1, -1).contiguous() for level in k]
+    profile = profile_ops(lambda: model.score_pyramids(q, k_16), device, args.profile)
+    return sweep, profile
+
+
+@torch.inference_mode()
+def cache_costs(model: CVNetRerank, args, device: torch.device, items: int = 32) -> dict:
+    """ms per database image of the compress convs, compress + put (flushed), get, torch.load."""
+    image = _image(DB_SIZE, args.size_divisor, device)
+    dense = model.extract_dense(image)
+    out = {"compress_ms": _median_seconds(lambda: model.build_pyramid(dense), device) * 1e3}
+    with tempfile.TemporaryDirectory() as folder:
+        cache = PyramidCache(cache_meta_for(model, "float16", "mix"), folder)
+        start = time.perf_counter()
+        for index in range(items):
+            cache.put(index, model.build_pyramid(dense))
+        cache.flush()
+        out["compress_put_ms"] = (time.perf_counter() - start) / items * 1e3
+        start = time.perf_counter()
+        for index in range(items):
+            cache.get(index, device)
+        _sync(device)
+        out["get_from_disk_ms"] = (time.perf_counter() - start) / items * 1e3
+        start = time.perf_counter()
+        for index in range(items):
+            torch.load(cache._item_path(index), map_location="cpu", weights_only=True)
+        out["torch_load_ms"] = (time.perf_counter() - start) / items * 1e3
+        out["item_bytes"] = cache._item_path(0).stat().st_size
+    return out
+
+
+def _mix_inputs(args, rng: np.random.Generator) -> tuple[list, dict, list]:
+    """(database (W, H) sizes, {set: query (W, H) sizes}, shortlists)."""
+    sizes = []
+    for line in args.sizes_file.read_text().splitlines():
+        if line.strip():
+            width, height = line.split(",")[2:4]
+            sizes.append((int(width), int(height)))
+    boxes = [entry["bbx"] for entry in pickle.loads(Path(args.gnd).read_bytes())["gnd"]]
+    if 2 * args.queries > len(boxes):
+        raise SystemExit(f"--queries {args.queries}: two sets need {2 * args.queries} query boxes")
+    db_sizes = [sizes[i] for i in rng.choice(len(sizes), args.db_images, replace=False)]
+    order = rng.permutation(len(boxes))
+    query_sets = {
+        name: [
+            (int(boxes[i][2] - boxes[i][0]) + 1, int(boxes[i][3] - boxes[i][1]) + 1)
+            for i in order[start : start + args.queries]
+        ]
+        for name, start in (("A", 0), ("B", args.queries))
+    }
+    shortlists = [
+        rng.choice(args.db_images, min(args.topk, args.db_images), replace=False)
+        for _ in range(args.queries)
+    ]
+    return db_sizes, query_sets, shortlists
+
+
+def real_mix(model: CVNetRerank, args, device: torch.device) -> dict:
+    """ms per pair of the real-size mix by query set, threads, cold/warm and cache (docstring)."""
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    db_sizes, query_sets, shortlists = _mix_inputs(args, rng)
+    divisor = args.size_divisor
+    memory = PyramidCache(cache_meta_for(model, "float16", "mix"))
+    with torch.inference_mode():
+        for index, (width, height) in enumerate(db_sizes):
+            image = _image((height, width), divisor, device)
+            memory.put(index, model.build_pyramid(model.extract_dense(image)))
+    queries = {
+        name: [_image((h, w), divisor) for w, h in sizes] for name, sizes in query_sets.items()
+    }
+    pairs = sum(len(ids) for ids in shortlists)
+    with tempfile.TemporaryDirectory() as folder:
+        disk = PyramidCache(cache_meta_for(model, "float16", "mix"), folder)
+        for index in range(len(db_sizes)):
+            disk.put(index, memory.get(index))
+        disk.flush()
+
+        def timed_pass(reranker: CVNetReranker) -> tuple[float, list]:
+            """ms per pair of one pass over the set's queries, and the scores."""
+            _sync(device)
+            start = time.perf_counter()
+            scores = [reranker.score(i, ids) for i, ids in enumerate(shortlists)]
+            _sync(device)
+            return (time.perf_counter() - start) / pairs * 1e3, scores
+
+        out: dict = {}
+        for name, first, second in (("A", 1, args.streams), ("B", args.streams, 1)):
+            images = queries[name]
+            rerankers = {
+                threads: CVNetReranker(
+                    model, images.__getitem__, None, memory, device, streams=threads
+                )
+                for threads in (first, second)
+            }
+            for phase in ("cold", "warm"):  # the same reranker (and scoring threads) twice
+                out[f"{name}_threads{first}_{phase}_ms_pair"], scores = timed_pass(rerankers[first])
+            out[f"{name}_threads{second}_after_ms_pair"], other = timed_pass(rerankers[second])
+            rerankers[first].cache = disk
+            out[f"{name}_threads{first}_disk_ms_pair"], _ = timed_pass(rerankers[first])
+            out[f"{name}_max_abs_threads_diff"] = float(
+                max(np.abs(a - b).max() for a, b in zip(scores, other))
+            )
+    out["setup"] = {"pairs_per_run": pairs, "query_sizes_wh": query_sets}
+    return out
+
+
+def run(argv: list[str]) -> dict:
+    """Run the benchmark; returns the results dict (see the module docstring)."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_random_model(args.depth, 256, device)
+    sweep, profile = batch_sweep(model, args, device)
+    return {
+        "setup": {k: str(v) for k, v in vars(args).items()},
+        "batch_sweep": sweep,
+        "profile_fp32_b16": profile,
+        "cache": cache_costs(model, args, device),
+        "mix": real_mix(model, args, device),
+        "note": (
+            "A/B: disjoint query sets; 'cold' = shapes never scored in this process, 'warm' = "
+            "the same calls again, 'after' = the other thread count on shapes the first has seen "
+            "(PyTorch keeps cuDNN plans per thread); 'disk' = read from an on-disk fp16 cache"
+        ),
+    }

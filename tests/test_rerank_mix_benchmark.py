@@ -1,0 +1,41 @@
+"""tools/benchmark.py rerank-mix: the real-size mix of ROxf, by scoring threads (tiny CPU run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from retrieval.benchmarks.rerank_mix import parse_args, run
+
+DATA_DIR = Path(__file__).parent / "data"
+BASE = ["--gnd", str(DATA_DIR / "gnd_roxford5k.pkl"), "--sizes-dir", str(DATA_DIR)]
+
+
+def test_tiny_run_reports_every_part_and_equal_scores_across_threads() -> None:
+    out = run(
+        [
+            *BASE,
+            *("--depth", "18", "--db-images", "12", "--queries", "2", "--topk", "4"),
+            *("--size-divisor", "8", "--batches", "1,8", "--profile", "2", "--streams", "2"),
+        ]
+    )
+    assert set(out["batch_sweep"]) == {"fp32_b1", "fp32_b8", "bf16_b8"}
+    assert all(v["ms_pair"] > 0 for v in out["batch_sweep"].values())
+    assert len(out["profile_fp32_b16"]) == 2
+    assert out["cache"]["item_bytes"] > 0 and out["cache"]["get_from_disk_ms"] > 0
+    mix = out["mix"]
+    for name, first, second in (("A", 1, 2), ("B", 2, 1)):
+        for key in ("cold", "warm", "disk"):
+            assert mix[f"{name}_threads{first}_{key}_ms_pair"] > 0
+        assert mix[f"{name}_threads{second}_after_ms_pair"] > 0
+        assert mix[f"{name}_max_abs_threads_diff"] <= 1e-6
+    assert mix["setup"]["pairs_per_run"] == 8
+    assert mix["setup"]["query_sizes_wh"]["A"] != mix["setup"]["query_sizes_wh"]["B"]
+
+
+def test_bad_arguments_are_refused(tmp_path) -> None:
+    with pytest.raises(SystemExit):  # one thread cannot be compared with one
+        parse_args([*BASE, "--streams", "1"])
+    with pytest.raises(SystemExit):  # no roxford5k_gallery_sizes.txt there
+        parse_args([*BASE[:2], "--sizes-dir", str(tmp_path)])
