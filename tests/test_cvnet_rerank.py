@@ -245,8 +245,10 @@ def test_cached_batched_scores_on_cuda_equal_straightforward_on_cpu(r50, tmp_pat
             )
             scores = reranker.score(7, ids)
             np.testing.assert_allclose(scores, expected, rtol=0, atol=tolerance, err_msg=str(amp))
-            reranker.streams = 2
-            again = reranker.score(7, ids[::-1])[::-1]
+            threaded = CVNetReranker(
+                model, query, db, cache, device="cuda", batch_size=2, amp_dtype=amp, streams=2
+            )
+            again = threaded.score(7, ids[::-1])[::-1]
             np.testing.assert_allclose(again, scores, rtol=0, atol=1e-6, err_msg=str(amp))
 
 
