@@ -82,13 +82,18 @@ class CVNetReranker:
         self.batch_size = batch_size
         self.amp_dtype = amp_dtype
         self.memory_bytes = memory_mb * 2**20
-        self.streams = streams
+        self._streams = streams
         self._scoring_threads = (
             ThreadPoolExecutor(streams, thread_name_prefix="rerank-score") if streams > 1 else None
         )
         self._query: tuple[int, list[torch.Tensor]] | None = None
         # cached pyramids are copied to the GPU on this stream, beside the scoring's
         self._read_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    @property
+    def streams(self) -> int:
+        """Batches scored at once (fixed: the scoring threads are made with the reranker)."""
+        return self._streams
 
     def _scoring_precision(self) -> contextlib.AbstractContextManager:
         """Autocast for the scoring when an AMP dtype is set."""
@@ -128,7 +133,7 @@ class CVNetReranker:
         per_item = (
             len(self.model.pairs) * q_levels[-1][0, 0].numel() * k_levels[-1][0, 0].numel() * 4
         )
-        budget = self.memory_bytes // self.streams
+        budget = self.memory_bytes // self._streams
         return max(1, min(self.batch_size, budget // (CORRELATION_COPIES * per_item)))
 
     @torch.inference_mode()
