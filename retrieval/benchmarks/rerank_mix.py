@@ -36,7 +36,8 @@ import torch
 from cvnet.cache import PyramidCache, cache_meta_for
 from cvnet.rerank_model import CVNetRerank
 from cvnet.reranker import CVNetReranker
-from retrieval.benchmarks.rerank import _sync, build_random_model, profile_ops
+from retrieval.benchmarks.rerank import _sync, _timed, build_random_model, profile_ops
+from retrieval.benchmarks.rerank_eval import _read_sizes, _sizes_file
 
 QUERY_CROP = (547, 449)  # H x W of the median ROxf query box
 DB_SIZE = (768, 1024)
@@ -59,9 +60,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batches", default="1,2,4,8,16", help="batch sizes of the sweep")
     parser.add_argument("--profile", type=int, default=12, help="top ops of one batch of 16")
     args = parser.parse_args(argv)
-    name = Path(args.gnd).stem.removeprefix("gnd_")
-    args.sizes_file = Path(args.sizes_dir) / f"{name}_gallery_sizes.txt"
-    for flag, path in (("--gnd", Path(args.gnd)), ("--sizes-dir", args.sizes_file)):
+    for flag, path in (("--gnd", Path(args.gnd)), ("--sizes-dir", _sizes_file(args))):
         if not path.is_file():
             parser.error(f"{flag}: {str(path)!r} is not a file")
     if args.streams < 2:
@@ -73,14 +72,7 @@ def _median_seconds(fn: Callable, device: torch.device, reps: int = 5, warmup: i
     """Median wall time of fn() after warm-up calls, device synchronised."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_timed(fn, device)[0] for _ in range(reps))
 
 
 def _image(size: tuple[int, int], divisor: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -148,11 +140,7 @@ def cache_costs(model: CVNetRerank, args, device: torch.device, items: int = 32)
 
 def _mix_inputs(args, rng: np.random.Generator) -> tuple[list, dict, list]:
     """(database (W, H) sizes, {set: query (W, H) sizes}, shortlists)."""
-    sizes = []
-    for line in args.sizes_file.read_text().splitlines():
-        if line.strip():
-            width, height = line.split(",")[2:4]
-            sizes.append((int(width), int(height)))
+    sizes = list(_read_sizes(_sizes_file(args)).values())
     boxes = [entry["bbx"] for entry in pickle.loads(Path(args.gnd).read_bytes())["gnd"]]
     if 2 * args.queries > len(boxes):
         raise SystemExit(f"--queries {args.queries}: two sets need {2 * args.queries} query boxes")
