@@ -41,6 +41,16 @@ READ_AHEAD = 16
 READ_THREADS = {"cuda": 4, "cpu": 1}
 
 
+def _hand_over(tensors: list[torch.Tensor], made: torch.cuda.Event, device: torch.device) -> None:
+    """Make CUDA tensors written on another stream (up to the event ``made``) safe to use on the
+    current stream of ``device``: it waits for ``made``, and their memory is not reused before it
+    has read them."""
+    stream = torch.cuda.current_stream(device)
+    stream.wait_event(made)
+    for tensor in tensors:
+        tensor.record_stream(stream)
+
+
 def shortlist_union(shortlists: Iterable[np.ndarray]) -> np.ndarray:
     """Sorted unique database ids over all shortlists (the only items whose pyramids are needed)."""
     arrays = [np.asarray(ids, dtype=np.int64).ravel() for ids in shortlists]
@@ -157,9 +167,11 @@ class CVNetReranker:
             return self._score_batch(q_levels, batch), None
         stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(stream):
-            stream.wait_event(inputs_ready)
-            for tensor in [*q_levels, *(level for levels in batch for level in levels)]:
-                tensor.record_stream(stream)  # allocated on another stream, read on this one
+            _hand_over(
+                [*q_levels, *(level for levels in batch for level in levels)],
+                inputs_ready,
+                self.device,
+            )
             scores = self._score_batch(q_levels, batch)
             done = torch.cuda.Event()
             done.record(stream)
@@ -223,9 +235,7 @@ class CVNetReranker:
             return result
         scores, done = result.result()
         if done is not None:
-            stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(done)
-            scores.record_stream(stream)
+            _hand_over([scores], done, self.device)
         return scores
 
     def _read_ahead(self, ids: list[int]) -> Iterator[list[torch.Tensor] | None]:
@@ -253,11 +263,7 @@ class CVNetReranker:
     def _ready(
         self, levels: list[torch.Tensor] | None, copied: torch.cuda.Event | None
     ) -> list[torch.Tensor] | None:
-        """A read pyramid, safe to use on the current stream: that stream waits for its copy, and
-        its memory (allocated on the read stream) is not reused before the scoring has read it."""
+        """A read pyramid, safe to use on the current stream."""
         if copied is not None:
-            stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(copied)
-            for level in levels or ():
-                level.record_stream(stream)
+            _hand_over(levels or [], copied, self.device)
         return levels
