@@ -26,7 +26,6 @@ import argparse
 import pickle
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch
 from cvnet.cache import PyramidCache, cache_meta_for
 from cvnet.rerank_model import CVNetRerank
 from cvnet.reranker import CVNetReranker
-from retrieval.benchmarks.rerank import _sync, _timed, build_random_model, profile_ops
+from retrieval.benchmarks.rerank import _timed, build_random_model, profile_ops
 from retrieval.benchmarks.rerank_eval import _read_sizes, _sizes_file
 
 QUERY_CROP = (547, 449)  # H x W of the median ROxf query box
@@ -120,20 +119,22 @@ def cache_costs(model: CVNetRerank, args, device: torch.device, items: int = 32)
     out = {"compress_ms": _median_seconds(lambda: model.build_pyramid(dense), device) * 1e3}
     with tempfile.TemporaryDirectory() as folder:
         cache = PyramidCache(cache_meta_for(model, "float16", "mix"), folder)
-        start = time.perf_counter()
-        for index in range(items):
-            cache.put(index, model.build_pyramid(dense))
-        cache.flush()
-        out["compress_put_ms"] = (time.perf_counter() - start) / items * 1e3
-        start = time.perf_counter()
-        for index in range(items):
-            cache.get(index, device)
-        _sync(device)
-        out["get_from_disk_ms"] = (time.perf_counter() - start) / items * 1e3
-        start = time.perf_counter()
-        for index in range(items):
-            torch.load(cache._item_path(index), map_location="cpu", weights_only=True)
-        out["torch_load_ms"] = (time.perf_counter() - start) / items * 1e3
+
+        def put_all() -> None:
+            for index in range(items):
+                cache.put(index, model.build_pyramid(dense))
+            cache.flush()
+
+        timings = {
+            "compress_put_ms": put_all,
+            "get_from_disk_ms": lambda: [cache.get(i, device) for i in range(items)],
+            "torch_load_ms": lambda: [
+                torch.load(cache._item_path(i), map_location="cpu", weights_only=True)
+                for i in range(items)
+            ],
+        }
+        for key, fn in timings.items():  # in this order: each needs the items of the one before
+            out[key] = _timed(fn, device)[0] / items * 1e3
         out["item_bytes"] = cache._item_path(0).stat().st_size
     return out
 
@@ -183,11 +184,10 @@ def real_mix(model: CVNetRerank, args, device: torch.device) -> dict:
 
         def timed_pass(reranker: CVNetReranker) -> tuple[float, list]:
             """ms per pair of one pass over the set's queries, and the scores."""
-            _sync(device)
-            start = time.perf_counter()
-            scores = [reranker.score(i, ids) for i, ids in enumerate(shortlists)]
-            _sync(device)
-            return (time.perf_counter() - start) / pairs * 1e3, scores
+            seconds, scores = _timed(
+                lambda: [reranker.score(i, ids) for i, ids in enumerate(shortlists)], device
+            )
+            return seconds / pairs * 1e3, scores
 
         out: dict = {}
         for name, first, second in (("A", 1, args.streams), ("B", args.streams, 1)):
