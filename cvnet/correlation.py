@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +114,39 @@ def upsampled_unit_levels(levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             resize_bilinear(x, size).permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
         )
     return units
+
+
+class UnitMaps(NamedTuple):
+    """One side's upsampled unit levels: per scale (B, H*W, C'), and their (H, W)."""
+
+    maps: list[torch.Tensor]
+    size: tuple[int, int]
+
+
+def padded_unit_maps(
+    groups: Sequence[Sequence[torch.Tensor]], size: tuple[int, int] | None = None
+) -> UnitMaps:
+    """Pyramids (per group: levels (B_g, C', h_i, w_i)) -> their upsampled unit levels, zero-padded
+    at the bottom and right to ``size`` (default: the groups' common full-scale size) and
+    concatenated over the groups -> UnitMaps of per scale (sum B_g, H*W, C')."""
+    size = tuple(size or groups[0][-1].shape[-2:])
+    per_group = []
+    for levels in groups:
+        height, width = levels[-1].shape[-2:]
+        if height > size[0] or width > size[1]:
+            raise ValueError(f"a {height}x{width} level cannot be padded to {size}")
+        units = upsampled_unit_levels(levels)  # (B_g, h*w, C') per scale
+        if (height, width) != size:
+            units = [
+                F.pad(
+                    u.view(u.shape[0], height, width, -1),
+                    (0, 0, 0, size[1] - width, 0, size[0] - height),
+                ).view(u.shape[0], -1, u.shape[-1])
+                for u in units
+            ]
+        per_group.append(units)
+    maps = [torch.cat(scale) if len(scale) > 1 else scale[0] for scale in zip(*per_group)]
+    return UnitMaps(maps, size)
 
 
 def correlation_fast(

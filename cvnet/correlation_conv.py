@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from cvnet.conv4d import CenterPivotConv4d
-from cvnet.correlation import upsampled_unit_levels
+from cvnet.correlation import UnitMaps
 
 
 def _remapped_weight(
@@ -87,19 +87,17 @@ def _correlate_folded(rows: list[torch.Tensor], cols: list[torch.Tensor]) -> tor
 
 def correlate_first_layer(
     conv4d: CenterPivotConv4d,
-    q_levels: Sequence[torch.Tensor],
-    k_levels: Sequence[torch.Tensor],
+    q_units: UnitMaps,
+    k_units: UnitMaps,
     pairs: Sequence[tuple[int, int]],
 ) -> torch.Tensor:
     """``conv4d(correlation_fast(q_levels, k_levels, pairs))`` without the volume, channels last.
 
-    Pyramids (Bq, C', h_i, w_i) and (Bk, C', h_j, w_j), last level full scale, Bq = 1 or Bk ->
-    (B, ceil(Hq/s), ceil(Wq/s), ceil(Hk/s), ceil(Wk/s), O), the layout of
-    ``CVLearner.from_first_convs``.
+    Unit maps of the pyramids (``padded_unit_maps``; batch Bq = 1 or Bk) -> (B, ceil(Hq/s),
+    ceil(Wq/s), ceil(Hk/s), ceil(Wk/s), O), the layout of ``CVLearner.from_first_convs``.
     """
-    size_q, size_k = tuple(q_levels[-1].shape[-2:]), tuple(k_levels[-1].shape[-2:])
-    num_scales, stride = len(q_levels), conv4d.stride
-    qs, ks = upsampled_unit_levels(q_levels), upsampled_unit_levels(k_levels)  # (B, HW, C')
+    (qs, size_q), (ks, size_k) = q_units, k_units  # (B, HW, C') per scale
+    num_scales, stride = len(qs), conv4d.stride
     k_sub = [_subsampled(k, size_k, stride) for k in ks]  # (Bk, hk', wk', C') per scale
     hk, wk = k_sub[0].shape[1:3]
     # query branch: rows = subsampled key positions, channel j*S + i

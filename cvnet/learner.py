@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvnet.conv4d import CenterPivotConv4d
+from cvnet.padding import ValidGrid, masked_group_norm, masked_mean
 
 # GroupNorm groups of every 4D layer.
 NUM_GROUPS = 4
@@ -65,16 +66,24 @@ def group_norm_channels_last(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tenso
     return out.permute(0, 2, 3, 1).contiguous().view(x.shape)
 
 
-def run_channels_last(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """[CenterPivotConv4d, GroupNorm, ReLU] modules of a block on (B, ha, wa, hb, wb, C)."""
+def run_channels_last(
+    layers: Sequence[nn.Module], x: torch.Tensor, valid: ValidGrid | None = None
+) -> tuple[torch.Tensor, ValidGrid | None]:
+    """[CenterPivotConv4d, GroupNorm, ReLU] modules of a block on (B, ha, wa, hb, wb, C) -> (output,
+    its valid cells). ``valid``: the input's valid cells when it is zero-padded (cvnet/padding.py),
+    else None."""
     for layer in layers:
         if isinstance(layer, CenterPivotConv4d):
             x = layer.forward_channels_last(x)
+            valid = None if valid is None else valid.strided(layer.stride)
         elif isinstance(layer, nn.GroupNorm):
-            x = group_norm_channels_last(layer, x)
+            if valid is None:
+                x = group_norm_channels_last(layer, x)
+            else:  # zero at padded cells, so the ReLU after it keeps them zero
+                x = masked_group_norm(layer, x, valid)
         else:  # ReLU: elementwise, any layout
             x = layer(x)
-    return x
+    return x, valid
 
 
 class CVLearner(nn.Module):
@@ -138,12 +147,20 @@ class CVLearner(nn.Module):
         x = self.block4(self.block3(x))  # (B, 128, h, w, h', w')
         return self.mlp(x.flatten(2).mean(dim=2))  # 4D global average pool -> (B, 128) -> (B, 2)
 
-    def from_first_convs(self, firsts: Sequence[torch.Tensor]) -> torch.Tensor:
+    def from_first_convs(
+        self, firsts: Sequence[torch.Tensor], valid: ValidGrid | None = None
+    ) -> torch.Tensor:
         """Channels-last outputs of ``first_convs`` (B, h, w, h', w', 16), one per input -> (B, 2)
-        logits; equal to ``forward`` up to float rounding (cvnet/conv4d.py: the two layouts)."""
-        x = sum(
-            run_channels_last(block2, run_channels_last(block1[1:], first))  # block1's GN + ReLU
-            for first, (block1, block2) in zip(firsts, self._stems, strict=True)
-        )
-        x = run_channels_last(self.block4, run_channels_last(self.block3, x))  # (B, ..., 128)
-        return self.mlp(x.flatten(1, -2).mean(dim=1))  # 4D global average pool -> (B, 2)
+        logits; equal to ``forward`` up to float rounding (cvnet/conv4d.py: the two layouts).
+        ``valid``: the cells of the first convs' outputs that hold data when the inputs were
+        zero-padded (cvnet/padding.py), else None."""
+        outputs = []
+        for first, (block1, block2) in zip(firsts, self._stems, strict=True):
+            x, after = run_channels_last(block1[1:], first, valid)  # block1's GN + ReLU
+            outputs.append(run_channels_last(block2, x, after))
+        x = sum(out for out, _ in outputs)
+        x, after = run_channels_last(self.block3, x, outputs[0][1])
+        x, after = run_channels_last(self.block4, x, after)  # (B, ..., 128)
+        # 4D global average pool -> (B, 128) -> (B, 2)
+        pooled = x.flatten(1, -2).mean(dim=1) if after is None else masked_mean(x, after)
+        return self.mlp(pooled)

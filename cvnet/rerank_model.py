@@ -14,10 +14,11 @@ import torch
 from torch import nn
 from yacs.config import CfgNode
 
-from cvnet.correlation import correlation_fast, pyramid_sizes, resize_bilinear
+from cvnet.correlation import correlation_fast, padded_unit_maps, pyramid_sizes, resize_bilinear
 from cvnet.correlation_conv import correlate_first_layer
 from cvnet.global_model import CVNetGlobal, build_cvnet_global
 from cvnet.learner import BLOCK1_F3, BLOCK1_F4, CVLearner
+from cvnet.padding import ValidGrid, ceil_div, round_up
 from retrieval.modeling.choices import resolve_choice
 from retrieval.modeling.registry import register_model
 
@@ -135,13 +136,47 @@ class CVNetRerank(nn.Module):
         Equal to ``cv_learner(correlate(q_pyr, k_pyr))``, but each stem's first 4D conv is computed
         straight from the features (cvnet/correlation_conv.py): no full correlation volume.
         """
-        firsts = [
-            correlate_first_layer(conv, q, k, self.pairs)
-            for conv, (q, k) in zip(
-                self.cv_learner.first_convs, self._per_layer(q_pyr, k_pyr), strict=True
-            )
-        ]
-        return self.cv_learner.from_first_convs(firsts)
+        return self.grouped_logits(q_pyr, [k_pyr])
+
+    def grid(self, pyramid: Sequence[torch.Tensor]) -> tuple[int, int]:
+        """(h, w) of the 4D CNN's first-layer output on one side of a pair: the full-scale level
+        of the first feature layer through block1's stride."""
+        height, width = pyramid[len(self.scales) - 1].shape[-2:]
+        stride = self.cv_learner.first_convs[0].stride
+        return ceil_div(height, stride), ceil_div(width, stride)
+
+    def padded_grid(self, pyramid: Sequence[torch.Tensor], multiple: int) -> tuple[int, int]:
+        """``grid`` rounded up to a multiple of ``multiple`` cells."""
+        return tuple(round_up(n, multiple) for n in self.grid(pyramid))
+
+    def grouped_logits(
+        self,
+        q_pyr: Sequence[torch.Tensor],
+        k_groups: Sequence[Sequence[torch.Tensor]],
+        multiple: int = 1,
+    ) -> torch.Tensor:
+        """Query pyramid, key pyramids in groups of equal size (batch B_g each) -> (sum B_g, 2).
+
+        The query has batch 1 (or B with one group). Each group's logits equal ``logits(q_pyr,
+        group)`` up to float rounding: every first-layer grid is zero-padded to the largest of its
+        side, rounded up to ``multiple`` cells, and the padding is masked through the 4D CNN
+        (cvnet/padding.py). Groups of different sizes then share one batch, and the conv shapes
+        repeat across queries and database sizes.
+        """
+        q_grid, k_grids = self.grid(q_pyr), [self.grid(group) for group in k_groups]
+        q_pad = tuple(round_up(n, multiple) for n in q_grid)
+        k_pad = tuple(round_up(max(sizes), multiple) for sizes in zip(*k_grids))
+        num = len(self.scales)
+        firsts = []
+        for stem, conv in enumerate(self.cv_learner.first_convs):
+            q_levels = [q_pyr[stem * num : (stem + 1) * num]]
+            k_levels = [group[stem * num : (stem + 1) * num] for group in k_groups]
+            q_units = padded_unit_maps(q_levels, _input_size(q_levels, q_pad, conv.stride))
+            k_units = padded_unit_maps(k_levels, _input_size(k_levels, k_pad, conv.stride))
+            firsts.append(correlate_first_layer(conv, q_units, k_units, self.pairs))
+        runs = [(group[0].shape[0], grid) for group, grid in zip(k_groups, k_grids)]
+        valid = ValidGrid.of(q_grid, runs, (*q_pad, *k_pad))
+        return self.cv_learner.from_first_convs(firsts, valid)
 
     def score_pyramids(
         self, q_pyr: Sequence[torch.Tensor], k_pyr: Sequence[torch.Tensor]
@@ -158,6 +193,20 @@ class CVNetRerank(nn.Module):
     def forward(self, q_img: torch.Tensor, k_img: torch.Tensor) -> torch.Tensor:
         """(B, 3, Hq, Wq), (B, 3, Hk, Wk) normalised images -> (B,) match probability."""
         return match_probability(self.pair_logits(q_img, k_img))
+
+
+def _input_size(
+    groups: Sequence[Sequence[torch.Tensor]], grid: tuple[int, int], stride: int
+) -> tuple[int, int]:
+    """Full-scale size a stem's input is padded to for a first-layer ``grid``: the groups' own size
+    where they share one that gives that grid, else grid x stride (the extra cells past an odd size
+    are the zeros the conv's own padding reads there)."""
+    size = []
+    for dim, cells in enumerate(grid):
+        own = {levels[-1].shape[-2 + dim] for levels in groups}
+        fits = len(own) == 1 and ceil_div(next(iter(own)), stride) == cells
+        size.append(next(iter(own)) if fits else cells * stride)
+    return tuple(size)
 
 
 def build_compress(in_channels: Sequence[int], num_scales: int, compress_dim: int) -> nn.ModuleList:

@@ -3,11 +3,12 @@
 The official test loop recomputes the database backbone and both pyramids for every (query, item)
 pair at batch 1 (spec/cvnet.md §5). Here the query pyramid is computed once per query, database
 pyramids come from a ``PyramidCache`` (computed on first use, or pre-computed for the union of all
-shortlists, e.g. for +R1M), and the shortlist is scored in batches of database images of equal
-pyramid size; the correlation goes straight into the first 4D conv (``cvnet/correlation_conv.py``),
-so no full correlation volume is built. Worker threads read the cached pyramids of a shortlist
-ahead of the scoring, so disk reads and host-to-device copies overlap the device work; on CUDA they
-copy on a side stream of their own, so a read never waits for the scoring kernels queued before it.
+shortlists, e.g. for +R1M), and the shortlist is scored in batches of database images of one
+(padded) 4D CNN grid (cvnet/padding.py); the correlation goes straight into the first 4D conv
+(``cvnet/correlation_conv.py``), so no full correlation volume is built. Worker threads read the
+cached pyramids of a shortlist ahead of the scoring, so disk reads and host-to-device copies overlap
+the device work; on CUDA they copy on a side stream of their own, so a read never waits for the
+scoring kernels queued before it.
 Pyramids are always computed in fp32 (their storage precision is the cache dtype); ``amp_dtype``
 applies to the scoring (correlation + 4D CNN) only.
 """
@@ -15,6 +16,7 @@ applies to the scoring (correlation + 4D CNN) only.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
@@ -25,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from cvnet.cache import PyramidCache
-from cvnet.rerank_model import CVNetRerank
+from cvnet.rerank_model import CVNetRerank, match_probability
 
 # Full-volume equivalents alive while scoring one item: the fused first layer holds two half-volume
 # buffers at block1's stride 2 (a branch input and its channels-last copy), two full ones at
@@ -57,6 +59,18 @@ def shortlist_union(shortlists: Iterable[np.ndarray]) -> np.ndarray:
     return np.unique(np.concatenate(arrays)) if arrays else np.zeros(0, dtype=np.int64)
 
 
+def _level_sizes(levels: list[torch.Tensor]) -> tuple:
+    """The (h_i, w_i) of every level of a pyramid."""
+    return tuple(tuple(level.shape[-2:]) for level in levels)
+
+
+def _sizes_adjacent(
+    group: list[tuple[int, list[torch.Tensor]]],
+) -> list[tuple[int, list[torch.Tensor]]]:
+    """(position, pyramid) items reordered so pyramids of equal size are adjacent."""
+    return sorted(group, key=lambda item: _level_sizes(item[1]))
+
+
 class CVNetReranker:
     """score(query_index, db_indices) -> match probabilities with cached database pyramids.
 
@@ -68,7 +82,10 @@ class CVNetReranker:
     each), and each ROxf query brings a new size, so one thread leaves the GPU waiting for the host
     (H100, 12 ROxf-sized queries x 100 pairs: 6.6 ms a pair from one thread, 3.7 from four). The
     scoring threads live as long as the reranker: PyTorch keeps cuDNN's plans per thread, so a
-    thread started for one query would plan every shape again for the next call.
+    thread started for one query would plan every shape again for the next call. ``pad_multiple``
+    > 1 rounds the 4D CNN's grids up to a multiple of that many cells, masked (cvnet/padding.py):
+    database images of nearby sizes share batches, and queries of nearby sizes share shapes, so
+    cuDNN plans fewer of them, for a little more work per pair.
     """
 
     def __init__(
@@ -82,9 +99,12 @@ class CVNetReranker:
         amp_dtype: torch.dtype | None = None,
         memory_mb: int = 4096,
         streams: int = 1,
+        pad_multiple: int = 1,
     ) -> None:
         if streams < 1:
             raise ValueError(f"streams must be >= 1, got {streams}")
+        if pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
         self.model = model.eval()
         self.load_query, self.load_db = load_query, load_db
         self.cache = cache
@@ -93,6 +113,7 @@ class CVNetReranker:
         self.amp_dtype = amp_dtype
         self.memory_bytes = memory_mb * 2**20
         self._streams = streams
+        self.pad_multiple = pad_multiple
         self._scoring_threads = (
             ThreadPoolExecutor(streams, thread_name_prefix="rerank-score") if streams > 1 else None
         )
@@ -138,11 +159,12 @@ class CVNetReranker:
         self.cache.flush()
         return len(missing)
 
-    def _chunk_size(self, q_levels: list[torch.Tensor], k_levels: list[torch.Tensor]) -> int:
-        """Batch size whose correlation volumes, for every stream, fit in ``memory_mb``."""
-        per_item = (
-            len(self.model.pairs) * q_levels[-1][0, 0].numel() * k_levels[-1][0, 0].numel() * 4
-        )
+    def _chunk_size(self, q_grid: tuple[int, int], k_grid: tuple[int, int]) -> int:
+        """Batch size whose correlation volumes, for every stream, fit in ``memory_mb``, for
+        padded first-layer grids (the full-scale volume holds stride^4 cells per grid cell)."""
+        stride = self.model.cv_learner.first_convs[0].stride
+        cells = q_grid[0] * q_grid[1] * k_grid[0] * k_grid[1] * stride**4
+        per_item = len(self.model.pairs) * cells * 4
         budget = self.memory_bytes // self._streams
         return max(1, min(self.batch_size, budget // (CORRELATION_COPIES * per_item)))
 
@@ -150,10 +172,14 @@ class CVNetReranker:
     def _score_batch(
         self, q_levels: list[torch.Tensor], batch: list[list[torch.Tensor]]
     ) -> torch.Tensor:
-        """Score one query against database pyramids of equal sizes -> (B,) fp32."""
-        k_levels = [torch.cat(level) for level in zip(*batch)]  # per level (B, C', h_i, w_i)
+        """Score one query against database pyramids of one padded grid, equal sizes adjacent ->
+        (B,) fp32."""
+        groups = []  # per run of equal sizes: levels (B_g, C', h_i, w_i)
+        for _, run in itertools.groupby(batch, key=_level_sizes):
+            groups.append([torch.cat(level) for level in zip(*run)])
         with self._scoring_precision():
-            return self.model.score_pyramids(q_levels, k_levels).float()
+            logits = self.model.grouped_logits(q_levels, groups, self.pad_multiple)
+        return match_probability(logits)
 
     def _score_on_stream(
         self,
@@ -180,10 +206,10 @@ class CVNetReranker:
     def score(self, query_index: int, db_indices: np.ndarray) -> np.ndarray:
         """Match probabilities (len(db_indices),) of the query vs database ids (higher = better).
 
-        Database pyramids are grouped by size and scored as soon as a group fills a batch, so at
-        most about (number of distinct sizes x batch) pyramids are held at once. The scores stay on
-        the device until the whole shortlist is queued: one synchronisation per query, so the host
-        assembles the next batch while the device computes the last.
+        Database pyramids are grouped by padded grid and scored as soon as a group fills a batch,
+        so at most about (number of distinct grids x batch) pyramids are held at once. The scores
+        stay on the device until the whole shortlist is queued: one synchronisation per query, so
+        the host assembles the next batch while the device computes the last.
         """
         q_levels = self.query_pyramid(query_index)
         ids = np.asarray(db_indices, dtype=np.int64).reshape(-1)
@@ -205,17 +231,18 @@ class CVNetReranker:
     def _batches(
         self, q_levels: list[torch.Tensor], ids: np.ndarray
     ) -> Iterator[list[tuple[int, list[torch.Tensor]]]]:
-        """(shortlist position, database pyramid) groups of equal pyramid size, each as soon as it
-        fills a batch, then the partial ones."""
+        """(shortlist position, database pyramid) groups of one padded grid, equal sizes adjacent,
+        each as soon as it fills a batch, then the partial ones."""
         pending: dict[tuple, list[tuple[int, list[torch.Tensor]]]] = defaultdict(list)
+        q_grid = self.model.padded_grid(q_levels, self.pad_multiple)
         cached = self._read_ahead(ids.tolist())
         for position, (index, levels) in enumerate(zip(ids.tolist(), cached)):
             levels = levels if levels is not None else self.db_pyramid(index)
-            size = tuple(tuple(x.shape[-2:]) for x in levels)
-            pending[size].append((position, levels))
-            if len(pending[size]) >= self._chunk_size(q_levels, levels):
-                yield pending.pop(size)
-        yield from pending.values()
+            grid = self.model.padded_grid(levels, self.pad_multiple)
+            pending[grid].append((position, levels))
+            if len(pending[grid]) >= self._chunk_size(q_grid, grid):
+                yield _sizes_adjacent(pending.pop(grid))
+        yield from map(_sizes_adjacent, pending.values())
 
     def _submit(
         self, q_levels: list[torch.Tensor], batch: list[list[torch.Tensor]]

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cvnet.correlation import correlation_fast, correlation_reference, pyramid_sizes
+from cvnet.correlation import (
+    correlation_fast,
+    correlation_reference,
+    padded_unit_maps,
+    pyramid_sizes,
+)
 from cvnet.correlation_conv import correlate_first_layer
 from cvnet.learner import BLOCK1_F3, BLOCK1_F4, CVLearner
 from cvnet.rerank_model import scale_pairs
@@ -42,7 +47,7 @@ def test_fused_first_layer_equals_conv_of_volume(block1, cross_scale, symmetric,
     (conv,) = learner.first_convs
     with torch.no_grad():
         expected = conv(correlation_fast(q, k, pairs)).permute(0, 2, 3, 4, 5, 1)  # channels last
-        fused = correlate_first_layer(conv, q, k, pairs)
+        fused = correlate_first_layer(conv, padded_unit_maps([q]), padded_unit_maps([k]), pairs)
         q_full = [x.expand(3, -1, -1, -1) for x in q]  # the official order takes equal batches
         official = learner([correlation_reference(q_full, k, pairs)])
         logits = learner.from_first_convs([fused])
@@ -68,7 +73,13 @@ def test_fused_path_trains_like_the_volume_path():
 
     expected = grads(learner([correlation_fast(q, k, pairs)]))
     fused = grads(
-        learner.from_first_convs([correlate_first_layer(learner.first_convs[0], q, k, pairs)])
+        learner.from_first_convs(
+            [
+                correlate_first_layer(
+                    learner.first_convs[0], *map(padded_unit_maps, ([q], [k])), pairs
+                )
+            ]
+        )
     )
     for got, want in zip(fused, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

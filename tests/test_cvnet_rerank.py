@@ -185,13 +185,15 @@ class Counter:
 DB_SIZES = {0: (97, 130), 1: (130, 97), 2: (97, 130), 3: (97, 130), 4: (90, 113)}
 
 
-def test_cached_batched_scores_equal_straightforward(r50, tmp_path):
+@pytest.mark.parametrize("pad_multiple", [1, 8], ids=["exact", "padded"])
+def test_cached_batched_scores_equal_straightforward(r50, tmp_path, pad_multiple):
+    """Batches of equal grids, or (padded to 8x8 cells) of the three database grids mixed."""
     query, db = (
         Counter({7: image(81, 113, 7)}),
         Counter({i: image(*s, 10 + i) for i, s in DB_SIZES.items()}),
     )
     cache = PyramidCache(cache_meta_for(r50, "float32"), tmp_path / "cache")
-    reranker = CVNetReranker(r50, query, db, cache, batch_size=2)
+    reranker = CVNetReranker(r50, query, db, cache, batch_size=2, pad_multiple=pad_multiple)
     ids = np.array([3, 0, 1, 2, 4, 0])
     scores = reranker.score(7, ids)
     expected = [straightforward_score(r50, query.images[7], db.images[i]) for i in ids]
@@ -225,13 +227,15 @@ def test_concurrent_scoring_streams_give_the_same_scores(r50):
     assert threading.current_thread() not in threads and 1 <= len(threads) <= 3
     with pytest.raises(ValueError, match="streams"):
         CVNetReranker(r50, query, db, cache, streams=0)
+    with pytest.raises(ValueError, match="pad_multiple"):
+        CVNetReranker(r50, query, db, cache, pad_multiple=0)
 
 
 @pytest.mark.gpu
 def test_cached_batched_scores_on_cuda_equal_straightforward_on_cpu(r50, tmp_path):
     """The fast path on CUDA (cuDNN convs over the channels-last 4D volumes) against the official
     computation on the CPU: fp32 without TF32 to 1e-5, bf16 autocast within 2e-3; once more from
-    the filled cache (side-stream reads) with concurrent scoring streams."""
+    the filled cache (side-stream reads) with concurrent scoring streams and padded grids."""
     model = copy.deepcopy(r50).cuda()
     query = Counter({7: image(81, 113, 7)})
     db = Counter({i: image(*s, 10 + i) for i, s in DB_SIZES.items()})
@@ -246,10 +250,10 @@ def test_cached_batched_scores_on_cuda_equal_straightforward_on_cpu(r50, tmp_pat
             scores = reranker.score(7, ids)
             np.testing.assert_allclose(scores, expected, rtol=0, atol=tolerance, err_msg=str(amp))
             threaded = CVNetReranker(
-                model, query, db, cache, device="cuda", batch_size=2, amp_dtype=amp, streams=2
+                model, query, db, cache, "cuda", 2, amp, streams=2, pad_multiple=8
             )
-            again = threaded.score(7, ids[::-1])[::-1]
-            np.testing.assert_allclose(again, scores, rtol=0, atol=1e-6, err_msg=str(amp))
+            again = threaded.score(7, ids[::-1])[::-1]  # padded: batches mix database sizes
+            np.testing.assert_allclose(again, expected, rtol=0, atol=tolerance, err_msg=str(amp))
 
 
 def test_quantized_caches_stay_within_documented_tolerance(r50):

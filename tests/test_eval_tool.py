@@ -189,22 +189,27 @@ def test_cpu_bf16_scoring_warns_where_bf16_is_not_native(tmp_path, monkeypatch, 
     assert ("slower than in fp32" in caplog.text) is not native
 
 
-def test_scoring_streams_apply_on_cuda_only_and_are_checked(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "key,attribute", [("RERANK_STREAMS", "streams"), ("RERANK_PAD_MULTIPLE", "pad_multiple")]
+)
+def test_scoring_streams_and_padding_apply_on_cuda_only_and_are_checked(
+    tmp_path, monkeypatch, key, attribute
+) -> None:
     opts = ["MODEL.ARCH", "cvnet_rerank", "MODEL.RERANK.COMPRESS_DIM", 8]
-    cfg = _cfg(tmp_path, *opts, "TEST.RERANK_STREAMS", 3)
+    cfg = _cfg(tmp_path, *opts, f"TEST.{key}", 3)
     settings = ExtractSettings.from_cfg(cfg)
     model = build_model(cfg)
     context = RerankContext("x", [], None, [], None, torch.device("cpu"), settings, tmp_path)
-    assert RERANKERS["cvnet"](cfg, model, context).streams == 1
+    assert getattr(RERANKERS["cvnet"](cfg, model, context), attribute) == 1
     # on CUDA (faked: the reranker is not built, its arguments are recorded)
     built = {}
     monkeypatch.setattr(cvnet.reranker, "CVNetReranker", lambda *a, **kw: built.update(kw))
     cuda = dataclasses.replace(context, device=torch.device("cuda"), pyramids=object())
     RERANKERS["cvnet"](cfg, SimpleNamespace(to=lambda device: None), cuda)
-    assert built["streams"] == 3
-    cfg = _cfg(tmp_path, *opts, "TEST.RERANK_STREAMS", 0)
+    assert built[attribute] == 3
+    cfg = _cfg(tmp_path, *opts, f"TEST.{key}", 0)
     context = RerankContext("x", [], None, [], None, torch.device("cpu"), settings, tmp_path)
-    with pytest.raises(ValueError, match="TEST.RERANK_STREAMS=0"):
+    with pytest.raises(ValueError, match=f"TEST.{key}=0"):
         RERANKERS["cvnet"](cfg, model, context)
 
 

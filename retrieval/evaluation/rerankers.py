@@ -72,8 +72,9 @@ def _cvnet_reranker(cfg, rerank_model: nn.Module | None, context: RerankContext)
             "TEST.RERANKER='cvnet' needs a CVNet-Rerank model: set TEST.RERANK_WEIGHTS or "
             "evaluate a MODEL.ARCH=cvnet_rerank checkpoint"
         )
-    if cfg.TEST.RERANK_STREAMS < 1:
-        raise ValueError(f"TEST.RERANK_STREAMS={cfg.TEST.RERANK_STREAMS}; expected an integer >= 1")
+    for key in ("RERANK_STREAMS", "RERANK_PAD_MULTIPLE"):
+        if cfg.TEST[key] < 1:
+            raise ValueError(f"TEST.{key}={cfg.TEST[key]}; expected an integer >= 1")
     reranker_module = import_reranker_module(cfg, "cvnet.reranker")
     queries, database = context.images((1.0,))
     cache = context.pyramids
@@ -96,7 +97,9 @@ def _cvnet_reranker(cfg, rerank_model: nn.Module | None, context: RerankContext)
         cache,
         context.device,
         amp_dtype=amp,
+        # both pay for cuDNN's host-side planning; on the CPU one thread and exact grids are faster
         streams=cfg.TEST.RERANK_STREAMS if context.device.type == "cuda" else 1,
+        pad_multiple=cfg.TEST.RERANK_PAD_MULTIPLE if context.device.type == "cuda" else 1,
     )
 
 
