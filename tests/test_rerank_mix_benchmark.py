@@ -24,18 +24,31 @@ def test_tiny_run_reports_every_part_and_equal_scores_across_threads() -> None:
     assert all(v["ms_pair"] > 0 for v in out["batch_sweep"].values())
     assert len(out["profile_fp32_b16"]) == 2
     assert out["cache"]["item_bytes"] > 0 and out["cache"]["get_from_disk_ms"] > 0
-    mix = out["mix"]
-    for name, first, second in (("A", 1, 2), ("B", 2, 1)):
-        for key in ("cold", "warm", "disk"):
-            assert mix[f"{name}_threads{first}_{key}_ms_pair"] > 0
-        assert mix[f"{name}_threads{second}_after_ms_pair"] > 0
-        assert mix[f"{name}_max_abs_threads_diff"] <= 1e-6
-    assert mix["setup"]["pairs_per_run"] == 8
-    assert mix["setup"]["query_sizes_wh"]["A"] != mix["setup"]["query_sizes_wh"]["B"]
+    assert set(out["mix"]) == {"pad1", "pad4"}
+    for mix in out["mix"].values():
+        for name, first, second in (("A", 1, 2), ("B", 2, 1)):
+            for key in ("cold", "warm", "disk"):
+                assert mix[f"{name}_threads{first}_{key}_ms_pair"] > 0
+            assert mix[f"{name}_threads{second}_after_ms_pair"] > 0
+            assert mix[f"{name}_max_abs_threads_diff"] <= 1e-6
+        assert mix["setup"]["pairs_per_run"] == 8
+        assert mix["setup"]["query_sizes_wh"]["A"] != mix["setup"]["query_sizes_wh"]["B"]
+    exact, padded = out["shapes"]["pad1"], out["shapes"]["pad4"]
+    assert out["shapes"]["setup"] == {"queries": 70, "db_images": 4993, "batch_size": 8}
+    assert exact["padded_over_exact_cells"] == 1.0  # multiple 1 pads nothing
+    # ROxf's sizes: padding to 4 cells merges database sizes into fuller batches and fewer shapes,
+    # for at most (1 + 3/4)^4 - 1 more cells (a 1-cell grid padded to 4 on each side is the worst
+    # pair; here the mean is far lower)
+    assert padded["batches"] < exact["batches"] and padded["mean_batch"] > exact["mean_batch"]
+    assert padded["distinct_shapes"] < exact["distinct_shapes"]
+    assert 1.0 < padded["padded_over_exact_cells"] < 1.5
 
 
 def test_bad_arguments_are_refused(tmp_path) -> None:
     with pytest.raises(SystemExit):  # one thread cannot be compared with one
         parse_args([*BASE, "--streams", "1"])
+    for multiples in ("0,4", "1,x"):
+        with pytest.raises(SystemExit):
+            parse_args([*BASE, "--pad-multiples", multiples])
     with pytest.raises(SystemExit):  # no roxford5k_gallery_sizes.txt there
         parse_args([*BASE[:2], "--sizes-dir", str(tmp_path)])

@@ -14,8 +14,14 @@ host, and PyTorch keeps those plans per thread. This benchmark separates that co
   ``--streams`` threads; set B the other way round. The first reranker of each set scores once
   more from an on-disk fp16 cache (reads included, plans warm).
   The query pyramid (one backbone pass per query) is part of each query's time.
+  Run once per ``--pad-multiples`` value (``TEST.RERANK_PAD_MULTIPLE``, cvnet/padding.py).
 * ``cache``: per database image, the compress convs alone, compress + ``PyramidCache.put`` to disk
   (flushed), ``PyramidCache.get`` from disk to the device, and ``torch.load`` of one item.
+* ``shapes``: what padding does to the batches of a whole evaluation, without scoring: every query
+  box of ``--gnd`` against ``--topk`` random database images of the whole sizes file, batched by
+  the reranker's own rule (stand-in pyramids of one channel), per pad multiple: batches, distinct
+  (query grid, database grid, batch) shapes (what cuDNN plans from one thread), and the padded
+  cells of the 4D CNN over the exact ones.
 
 Random weights and images; the scores of one and of several threads must agree (reported).
 """
@@ -23,6 +29,7 @@ Random weights and images; the scores of one and of several threads must agree (
 from __future__ import annotations
 
 import argparse
+import math
 import pickle
 import statistics
 import tempfile
@@ -33,6 +40,7 @@ import numpy as np
 import torch
 
 from cvnet.cache import PyramidCache, cache_meta_for
+from cvnet.correlation import pyramid_sizes
 from cvnet.rerank_model import CVNetRerank
 from cvnet.reranker import CVNetReranker
 from retrieval.benchmarks.rerank import _timed, build_random_model, profile_ops
@@ -58,12 +66,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--size-divisor", type=int, default=1, help="divide every image size")
     parser.add_argument("--batches", default="1,2,4,8,16", help="batch sizes of the sweep")
     parser.add_argument("--profile", type=int, default=12, help="top ops of one batch of 16")
+    parser.add_argument(
+        "--pad-multiples", default="1,4", help="TEST.RERANK_PAD_MULTIPLE values to compare"
+    )
     args = parser.parse_args(argv)
     for flag, path in (("--gnd", Path(args.gnd)), ("--sizes-dir", _sizes_file(args))):
         if not path.is_file():
             parser.error(f"{flag}: {str(path)!r} is not a file")
     if args.streams < 2:
         parser.error(f"--streams {args.streams}: give at least 2 (it is compared with 1)")
+    try:
+        args.pad_multiples = [int(m) for m in args.pad_multiples.split(",")]
+    except ValueError:
+        parser.error(f"--pad-multiples {args.pad_multiples!r}: expected integers like 1,4")
+    if min(args.pad_multiples) < 1:
+        parser.error(f"--pad-multiples {args.pad_multiples}: each must be >= 1")
     return args
 
 
@@ -161,7 +178,51 @@ def _mix_inputs(args, rng: np.random.Generator) -> tuple[list, dict, list]:
     return db_sizes, query_sets, shortlists
 
 
-def real_mix(model: CVNetRerank, args, device: torch.device) -> dict:
+def _stand_in(model: CVNetRerank, size_wh: tuple[int, int]) -> list[torch.Tensor]:
+    """One-channel levels of the pyramid sizes of an image of size (W, H)."""
+    height, width = size_wh[1], size_wh[0]
+    for _ in range(4):  # stem, max pool, res3 and res4 each halve (ceil): stride 16
+        height, width = -(-height // 2), -(-width // 2)
+    return [torch.zeros(1, 1, *size) for size in pyramid_sizes(height, width, model.scales)]
+
+
+def batch_shapes(model: CVNetRerank, args) -> dict:
+    """Per pad multiple: batches, distinct batch shapes, padded / exact 4D cells (docstring)."""
+    rng = np.random.default_rng(0)
+    sizes = list(_read_sizes(_sizes_file(args)).values())
+    boxes = [entry["bbx"] for entry in pickle.loads(Path(args.gnd).read_bytes())["gnd"]]
+    cache = PyramidCache(cache_meta_for(model, "float32", "shapes"))
+    for index, size in enumerate(sizes):
+        cache.put(index, _stand_in(model, size))
+    queries = [_stand_in(model, (int(b[2] - b[0]) + 1, int(b[3] - b[1]) + 1)) for b in boxes]
+    shortlists = [rng.choice(len(sizes), min(args.topk, len(sizes)), replace=False) for _ in boxes]
+    out = {}
+    for multiple in args.pad_multiples:
+        reranker = CVNetReranker(model, None, None, cache, pad_multiple=multiple)
+        shapes, batches, padded, exact = set(), 0, 0, 0
+        for q_levels, ids in zip(queries, shortlists):
+            q_grid, q_exact = model.padded_grid(q_levels, multiple), model.grid(q_levels)
+            for group in reranker._batches(q_levels, ids):
+                k_grid = model.padded_grid(group[0][1], multiple)
+                shapes.add((q_grid, k_grid, len(group)))
+                batches += 1
+                padded += len(group) * math.prod(q_grid) * math.prod(k_grid)
+                exact += math.prod(q_exact) * sum(math.prod(model.grid(k)) for _, k in group)
+        out[f"pad{multiple}"] = {
+            "batches": batches,
+            "distinct_shapes": len(shapes),
+            "mean_batch": sum(len(ids) for ids in shortlists) / batches,
+            "padded_over_exact_cells": padded / exact,
+        }
+    out["setup"] = {
+        "queries": len(queries),
+        "db_images": len(sizes),
+        "batch_size": reranker.batch_size,
+    }
+    return out
+
+
+def real_mix(model: CVNetRerank, args, device: torch.device, pad_multiple: int) -> dict:
     """ms per pair of the real-size mix by query set, threads, cold/warm and cache (docstring)."""
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
@@ -194,7 +255,13 @@ def real_mix(model: CVNetRerank, args, device: torch.device) -> dict:
             images = queries[name]
             rerankers = {
                 threads: CVNetReranker(
-                    model, images.__getitem__, None, memory, device, streams=threads
+                    model,
+                    images.__getitem__,
+                    None,
+                    memory,
+                    device,
+                    streams=threads,
+                    pad_multiple=pad_multiple,
                 )
                 for threads in (first, second)
             }
@@ -222,7 +289,8 @@ def run(argv: list[str]) -> dict:
         "batch_sweep": sweep,
         "profile_fp32_b16": profile,
         "cache": cache_costs(model, args, device),
-        "mix": real_mix(model, args, device),
+        "shapes": batch_shapes(model, args),
+        "mix": {f"pad{m}": real_mix(model, args, device, m) for m in args.pad_multiples},
         "note": (
             "A/B: disjoint query sets; 'cold' = shapes never scored in this process, 'warm' = "
             "the same calls again, 'after' = the other thread count on shapes the first has seen "
