@@ -37,8 +37,7 @@ def test_tiny_run_reports_every_part_and_equal_scores_across_threads() -> None:
     assert out["shapes"]["setup"] == {"queries": 70, "db_images": 4993, "batch_size": 8}
     assert exact["padded_over_exact_cells"] == 1.0  # multiple 1 pads nothing
     # ROxf's sizes: padding to 4 cells merges database sizes into fuller batches and fewer shapes,
-    # for at most (1 + 3/4)^4 - 1 more cells (a 1-cell grid padded to 4 on each side is the worst
-    # pair; here the mean is far lower)
+    # for some more cells (1.19x with 100-image shortlists, docs/benchmarks/README.md)
     assert padded["batches"] < exact["batches"] and padded["mean_batch"] > exact["mean_batch"]
     assert padded["distinct_shapes"] < exact["distinct_shapes"]
     assert 1.0 < padded["padded_over_exact_cells"] < 1.5
