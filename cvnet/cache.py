@@ -6,9 +6,10 @@ before storage, and the integer codecs quantize each location symmetrically on i
 round(v / max|v| * q_max)) and re-normalise on load, which needs no stored scale. int4 codes (-7..7)
 are packed two per byte.
 
-Storage is in memory, or on disk as one file per image (``<dir>/items/<index // 10000>/<index>.pt``)
-next to ``<dir>/cache_meta.json``. Items are written atomically by a background thread, so the
-caller's device work overlaps the disk writes; an item still being written is served from memory.
+Storage is in memory, or on disk as one file per image (format: cvnet/cache_items.py) at
+``<dir>/items/<index // 10000>/<index>.pyr`` next to ``<dir>/cache_meta.json``. Items are written
+atomically by a background thread, so the caller's device work overlaps the disk writes; an item
+still being written is served from memory.
 The metadata (model fingerprint, C', scales, dtype, feature layer, dataset) is checked when the
 cache is opened and inside every item, so an inconsistent or corrupt cache either raises
 ``CacheError`` or, with ``rebuild=True``, is discarded and recomputed; it is never silently reused.
@@ -21,9 +22,7 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import shutil
-import zipfile
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 from yacs.config import CfgNode
 
+from cvnet.cache_items import atomic_write_bytes, read_item, write_item
 from cvnet.correlation import normalize_locations
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ META_FILE = "cache_meta.json"
 ITEMS_DIR = "items"
 # Items per sub-folder of ITEMS_DIR (keeps folders small for +R1M shortlists).
 ITEMS_PER_FOLDER = 10000
-FORMAT_VERSION = 1
+# 1: items saved with torch.save; 2: cvnet/cache_items.py (an older cache is rebuilt or refused)
+FORMAT_VERSION = 2
 # Items queued for the writer thread before put() waits (bounds the codes held in memory).
 WRITE_BEHIND = 32
 
@@ -183,7 +184,7 @@ class PyramidCache:
                 )
             logger.warning("pyramid cache %s %s: rebuilding", self.directory, problem)
             shutil.rmtree(self.directory / ITEMS_DIR, ignore_errors=True)
-        _atomic_write_bytes(meta_path, json.dumps(self.meta.to_dict(), indent=1).encode())
+        atomic_write_bytes(meta_path, json.dumps(self.meta.to_dict(), indent=1).encode())
 
     @staticmethod
     def _read_meta(path: Path) -> dict | None:
@@ -208,7 +209,7 @@ class PyramidCache:
         return "was built with other settings (" + "; ".join(diffs) + ")"
 
     def _item_path(self, index: int) -> Path:
-        return self.directory / ITEMS_DIR / f"{index // ITEMS_PER_FOLDER:04d}" / f"{index}.pt"
+        return self.directory / ITEMS_DIR / f"{index // ITEMS_PER_FOLDER:04d}" / f"{index}.pyr"
 
     def __contains__(self, index: int) -> bool:
         if self.directory is None:
@@ -219,7 +220,7 @@ class PyramidCache:
         if self.directory is None:
             return len(self._memory)
         self.flush()
-        return sum(1 for _ in (self.directory / ITEMS_DIR).glob("*/*.pt"))
+        return sum(1 for _ in (self.directory / ITEMS_DIR).glob("*/*.pyr"))
 
     def flush(self) -> None:
         """Wait until every queued item is on disk; a failed write raises here."""
@@ -239,49 +240,50 @@ class PyramidCache:
         if self.directory is None:
             self._memory[index] = codes
             return
-        item = {"digest": self._digest, "channels": self.meta.compress_dim, "levels": codes}
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="pyramid-write")
         self._pending[index] = codes
-        self._writes.append(
-            (index, codes, self._writer.submit(_atomic_save, item, self._item_path(index)))
+        write = self._writer.submit(
+            write_item, self._item_path(index), self._digest, self.meta.compress_dim, codes
         )
+        self._writes.append((index, codes, write))
         while len(self._writes) > WRITE_BEHIND:
             self._finish_oldest_write()
 
     def get(self, index: int, device: torch.device | str = "cpu") -> list[torch.Tensor] | None:
-        """The pyramid as float32 unit vectors (1, C', h_i, w_i) on ``device``; None if absent."""
+        """The pyramid as float32 unit vectors (1, C', h_i, w_i) on ``device``; None if absent.
+
+        For a GPU an item file is read into pinned memory, so its copy is asynchronous on the
+        current stream (the decoding after it is queued on the same stream)."""
+        to_gpu = torch.device(device).type == "cuda"
         if self.directory is None:
             codes = self._memory.get(index)
         else:  # an item still queued for writing is served from memory
             codes = self._pending.get(index)
             if codes is None:
-                codes = self._load_item(index)
+                codes = self._load_item(index, pin_memory=to_gpu)
         if codes is None:
             return None
         channels = self.meta.compress_dim
         return [
-            normalize_locations(self._decode(c.to(device), channels).unsqueeze(0)) for c in codes
+            normalize_locations(
+                self._decode(c.to(device, non_blocking=to_gpu), channels).unsqueeze(0)
+            )
+            for c in codes
         ]
 
-    def _load_item(self, index: int) -> list[torch.Tensor] | None:
+    def _load_item(self, index: int, pin_memory: bool = False) -> list[torch.Tensor] | None:
         """Read and check one item file; a bad one raises (or, with rebuild, is deleted: None)."""
         path = self._item_path(index)
         if not path.is_file():
             return None
         try:
-            item = torch.load(path, map_location="cpu", weights_only=True)
-            problem = self._item_problem(item)
-        except (
-            RuntimeError,
-            EOFError,
-            pickle.UnpicklingError,
-            zipfile.BadZipFile,
-            ValueError,
-        ) as err:
-            problem = f"is unreadable ({type(err).__name__}: {err})"
+            header, levels = read_item(path, pin_memory)
+            problem = self._item_problem(header, levels)
+        except ValueError as err:
+            problem = f"is unreadable ({err})"
         if problem is None:
-            return item["levels"]
+            return levels
         if not self.rebuild:
             raise CacheError(
                 f"pyramid cache item {str(path)!r} {problem}; delete the cache or rebuild"
@@ -290,33 +292,14 @@ class PyramidCache:
         path.unlink(missing_ok=True)
         return None
 
-    def _item_problem(self, item: object) -> str | None:
-        """Why an item dict does not belong to this cache (None when it does)."""
-        if not isinstance(item, dict) or item.get("digest") != self._digest:
+    def _item_problem(self, header: dict, levels: list[torch.Tensor]) -> str | None:
+        """Why an item does not belong to this cache (None when it does)."""
+        if header.get("digest") != self._digest:
             return "belongs to another cache configuration"
         expected = len(self.meta.scales) * len(self.meta.feature_names)
-        if len(item.get("levels", ())) != expected:
-            return f"holds {len(item.get('levels', ()))} levels, expected {expected}"
+        if len(levels) != expected:
+            return f"holds {len(levels)} levels, expected {expected}"
         return None
-
-
-def _atomic_save(obj: object, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def build_pyramid_cache(

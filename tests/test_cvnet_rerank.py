@@ -358,8 +358,8 @@ def test_items_being_written_are_served_from_memory_and_write_errors_surface(tmp
 
     levels = [torch.randn(1, 4, 2, 3), torch.randn(1, 4, 4, 5)]
     release = threading.Event()
-    save = cache_module._atomic_save
-    monkeypatch.setattr(cache_module, "_atomic_save", lambda *a: release.wait() and save(*a))
+    save = cache_module.write_item
+    monkeypatch.setattr(cache_module, "write_item", lambda *a: release.wait() and save(*a))
     cache = PyramidCache(fake_meta(), tmp_path)
     cache.put(0, levels)
     assert 0 in cache and not cache._item_path(0).exists()  # the writer is held back
@@ -374,7 +374,7 @@ def test_items_being_written_are_served_from_memory_and_write_errors_surface(tmp
     def full(*_):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cache_module, "_atomic_save", full)
+    monkeypatch.setattr(cache_module, "write_item", full)
     cache.put(1, levels)
     with pytest.raises(OSError, match="No space left"):
         cache.flush()

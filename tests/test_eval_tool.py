@@ -270,7 +270,7 @@ def test_shared_pass_builds_db_pyramids_in_the_global_extraction(
     assert lazy_calls == 2 + len(np.unique(ranks[:3]))  # ... and every shortlisted database image
     assert shared_rows == lazy_rows
     items = tmp_path / "out_True_True" / "features" / "pyramids_roxford5k_float16" / "items"
-    assert len(list(items.glob("*/*.pt"))) == n_db
+    assert len(list(items.glob("*/*.pyr"))) == n_db
     # A re-ranker with another backbone cannot share the pass: its pyramids are built lazily.
     torch.manual_seed(1)
     other = build_model(_cfg(tmp_path, *opts)).eval()

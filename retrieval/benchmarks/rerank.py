@@ -213,7 +213,8 @@ def quantized_checks(model: CVNetRerank, ours: CVNetReranker, num_db: int) -> di
                 exact = model.score_pyramids(q_levels, reference)
                 quantized = model.score_pyramids(q_levels, cache.get(index, ours.device))
                 diffs.append(float((quantized - exact).abs().max()))
-            file_bytes = next(Path(folder).glob("items/*/0.pt")).stat().st_size
+            cache.flush()
+            file_bytes = cache._item_path(0).stat().st_size
         out[dtype] = {"max_abs_score_diff": max(diffs), "file_bytes": file_bytes}
     return out
 

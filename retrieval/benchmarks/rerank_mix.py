@@ -16,7 +16,7 @@ host, and PyTorch keeps those plans per thread. This benchmark separates that co
   The query pyramid (one backbone pass per query) is part of each query's time.
   Run once per ``--pad-multiples`` value (``TEST.RERANK_PAD_MULTIPLE``, cvnet/padding.py).
 * ``cache``: per database image, the compress convs alone, compress + ``PyramidCache.put`` to disk
-  (flushed), ``PyramidCache.get`` from disk to the device, and ``torch.load`` of one item.
+  (flushed), ``PyramidCache.get`` from disk to the device, and ``read_item`` of one item file.
 * ``shapes``: what padding does to the batches of a whole evaluation, without scoring: every query
   box of ``--gnd`` against ``--topk`` random database images of the whole sizes file, batched by
   the reranker's own rule (stand-in pyramids of one channel), per pad multiple: batches, distinct
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from cvnet.cache import PyramidCache, cache_meta_for
+from cvnet.cache_items import read_item
 from cvnet.correlation import pyramid_sizes
 from cvnet.rerank_model import CVNetRerank
 from cvnet.reranker import CVNetReranker
@@ -130,7 +131,7 @@ def batch_sweep(model: CVNetRerank, args, device: torch.device) -> tuple[dict, l
 
 @torch.inference_mode()
 def cache_costs(model: CVNetRerank, args, device: torch.device, items: int = 32) -> dict:
-    """ms per database image of the compress convs, compress + put (flushed), get, torch.load."""
+    """ms per database image of the compress convs, compress + put (flushed), get, read_item."""
     image = _image(DB_SIZE, args.size_divisor, device)
     dense = model.extract_dense(image)
     out = {"compress_ms": _median_seconds(lambda: model.build_pyramid(dense), device) * 1e3}
@@ -145,10 +146,7 @@ def cache_costs(model: CVNetRerank, args, device: torch.device, items: int = 32)
         timings = {
             "compress_put_ms": put_all,
             "get_from_disk_ms": lambda: [cache.get(i, device) for i in range(items)],
-            "torch_load_ms": lambda: [
-                torch.load(cache._item_path(i), map_location="cpu", weights_only=True)
-                for i in range(items)
-            ],
+            "read_item_ms": lambda: [read_item(cache._item_path(i)) for i in range(items)],
         }
         for key, fn in timings.items():  # in this order: each needs the items of the one before
             out[key] = _timed(fn, device)[0] / items * 1e3
