@@ -18,7 +18,7 @@ Padding changes no score beyond float rounding when:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +42,8 @@ class ValidGrid:
 
     query: tuple[int, int]
     runs: tuple[tuple[int, int, int], ...]
+    # (padded shape, device) -> (padding mask, valid cells per item), built on first use
+    _masks: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(
@@ -57,55 +59,65 @@ class ValidGrid:
         """The valid cells after a conv of stride ``stride`` over all four dims."""
         if stride == 1:
             return self
-        return dataclasses.replace(
-            self,
-            query=tuple(ceil_div(n, stride) for n in self.query),
-            runs=tuple((i, ceil_div(h, stride), ceil_div(w, stride)) for i, h, w in self.runs),
+        return ValidGrid(
+            tuple(ceil_div(n, stride) for n in self.query),
+            tuple((i, ceil_div(h, stride), ceil_div(w, stride)) for i, h, w in self.runs),
         )
+
+    def _masks_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(padding mask (B, ha, wa, hb, wb, 1) bool, valid cells (B,) float32) for x's shape.
+
+        Built from a handful of small tensors on x's device, once per shape: a few ops per layer
+        instead of a slice fill per run and dim (the host launches every op, on CUDA the bottleneck
+        of small batches), and no host-to-device copy (no sync)."""
+        key = (tuple(x.shape[:5]), x.device)
+        if key not in self._masks:
+            ha, wa, hb, wb = key[0][1:]
+
+            def inside(size: int, limits: torch.Tensor) -> torch.Tensor:  # (N,) -> (N, size)
+                return torch.arange(size, device=x.device) < limits.unsqueeze(-1)
+
+            def per_item(value: Callable[[tuple[int, int, int]], int]) -> torch.Tensor:  # (B,)
+                return torch.cat(
+                    [x.new_full((run[0],), value(run), dtype=torch.long) for run in self.runs]
+                )
+
+            query = inside(ha, x.new_full((1,), self.query[0], dtype=torch.long))[
+                0, :, None
+            ] & inside(wa, x.new_full((1,), self.query[1], dtype=torch.long))  # (ha, wa)
+            keys = (
+                inside(hb, per_item(lambda r: r[1]))[:, :, None]
+                & inside(wb, per_item(lambda r: r[2]))[:, None, :]
+            )  # (B, hb, wb)
+            valid = query[None, :, :, None, None] & keys[:, None, None]  # (B, ha, wa, hb, wb)
+            self._masks[key] = (~valid).unsqueeze(-1), valid.flatten(1).sum(1).float()
+        return self._masks[key]
 
     def zero_outside(self, x: torch.Tensor) -> torch.Tensor:
-        """Zero the padded cells of (B, ha, wa, hb, wb, C) in place (writes the padding only)."""
-        ha, wa = self.query
-        x[:, ha:] = 0
-        x[:, :ha, wa:] = 0
-        start = 0
-        for items, hb, wb in self.runs:
-            run = x[start : start + items, :ha, :wa]
-            run[:, :, :, hb:] = 0
-            run[:, :, :, :hb, wb:] = 0
-            start += items
-        return x
+        """Zero the padded cells of (B, ha, wa, hb, wb, C) in place."""
+        return x.masked_fill_(self._masks_for(x)[0], 0)
 
     def cells(self, like: torch.Tensor) -> torch.Tensor:
-        """(B,) valid cells per item, float32 on ``like``'s device (filled there: no host sync)."""
-        ha, wa = self.query
-        return torch.cat(
-            [
-                like.new_full((items,), ha * wa * hb * wb, dtype=torch.float32)
-                for items, hb, wb in self.runs
-            ]
-        )
+        """(B,) valid cells per item, float32 on ``like``'s device."""
+        return self._masks_for(like)[1]
 
 
 def masked_group_norm(norm: nn.GroupNorm, x: torch.Tensor, valid: ValidGrid) -> torch.Tensor:
     """``norm`` over the valid cells of (B, ha, wa, hb, wb, C) -> fp32, zero at padded cells.
 
     Computed in fp32 as autocast runs GroupNorm; two passes (mean, then the centred squares) as the
-    unpadded kernel, so padding cannot cost precision.
+    unpadded kernel, so padding cannot cost precision. About 15 ops: each is launched from the host.
     """
     batch, channels = x.shape[0], x.shape[-1]
     groups = norm.num_groups
     x = valid.zero_outside(x.float())  # a conv leaves its bias etc. in the padding
     grouped = x.view(batch, -1, groups, channels // groups)  # (B, cells, G, C/G)
-    count = (valid.cells(x) * (channels // groups)).view(batch, 1, 1)
-    mean = grouped.sum(dim=(1, 3)).unsqueeze(1) / count  # (B, 1, G)
-    centred = valid.zero_outside((grouped - mean.unsqueeze(-1)).view(x.shape))
-    var = centred.view_as(grouped).square().sum(dim=(1, 3)).unsqueeze(1) / count  # (B, 1, G)
-    del centred
-    weight = norm.weight.view(groups, -1)  # (G, C/G)
-    scale = (var + norm.eps).rsqrt().unsqueeze(-1) * weight  # (B, 1, G, C/G)
-    shift = norm.bias.view(groups, -1) - mean.unsqueeze(-1) * scale
-    out = torch.addcmul(shift, grouped, scale)  # (B, cells, G, C/G)
+    count = valid.cells(x).view(batch, 1, 1, 1) * (channels // groups)
+    centred = grouped - grouped.sum(dim=(1, 3), keepdim=True) / count
+    centred = valid.zero_outside(centred.view(x.shape)).view(grouped.shape)
+    var = centred.square().sum(dim=(1, 3), keepdim=True) / count  # (B, 1, G, 1)
+    scale = (var + norm.eps).rsqrt_() * norm.weight.view(groups, -1)  # (B, 1, G, C/G)
+    out = torch.addcmul(norm.bias.view(groups, -1), centred, scale)  # (B, cells, G, C/G)
     return valid.zero_outside(out.view(x.shape))
 
 
