@@ -18,7 +18,7 @@ Padding changes no score beyond float rounding when:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,14 @@ def ceil_div(size: int, stride: int) -> int:
 def round_up(size: int, multiple: int) -> int:
     """``size`` rounded up to a multiple of ``multiple``."""
     return ceil_div(size, multiple) * multiple
+
+
+def _prefix_mask(
+    valid: tuple[int, int], padded: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """(*padded) bool, true on the first valid[0] x valid[1] cells."""
+    rows = torch.arange(padded[0], device=device) < valid[0]
+    return rows[:, None] & (torch.arange(padded[1], device=device) < valid[1])
 
 
 @dataclass(frozen=True)
@@ -67,27 +75,18 @@ class ValidGrid:
     def _masks_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(padding mask (B, ha, wa, hb, wb, 1) bool, valid cells (B,) float32) for x's shape.
 
-        Built from a handful of small tensors on x's device, once per shape: a few ops per layer
-        instead of a slice fill per run and dim (the host launches every op, on CUDA the bottleneck
-        of small batches), and no host-to-device copy (no sync)."""
+        Built on x's device once per shape, from comparisons with Python ints (no host-to-device
+        copy, so no sync): a few ops per layer instead of a slice fill per run and dim (the host
+        launches every op, on CUDA the bottleneck of small batches)."""
         key = (tuple(x.shape[:5]), x.device)
         if key not in self._masks:
             ha, wa, hb, wb = key[0][1:]
-
-            def inside(size: int, limits: torch.Tensor) -> torch.Tensor:  # (N,) -> (N, size)
-                return torch.arange(size, device=x.device) < limits.unsqueeze(-1)
-
-            def per_item(value: Callable[[tuple[int, int, int]], int]) -> torch.Tensor:  # (B,)
-                return torch.cat(
-                    [x.new_full((run[0],), value(run), dtype=torch.long) for run in self.runs]
-                )
-
-            query = inside(ha, x.new_full((1,), self.query[0], dtype=torch.long))[
-                0, :, None
-            ] & inside(wa, x.new_full((1,), self.query[1], dtype=torch.long))  # (ha, wa)
-            keys = (
-                inside(hb, per_item(lambda r: r[1]))[:, :, None]
-                & inside(wb, per_item(lambda r: r[2]))[:, None, :]
+            query = _prefix_mask(self.query, (ha, wa), x.device)  # (ha, wa)
+            keys = torch.cat(
+                [
+                    _prefix_mask((h, w), (hb, wb), x.device).expand(items, hb, wb)
+                    for items, h, w in self.runs
+                ]
             )  # (B, hb, wb)
             valid = query[None, :, :, None, None] & keys[:, None, None]  # (B, ha, wa, hb, wb)
             self._masks[key] = (~valid).unsqueeze(-1), valid.flatten(1).sum(1).float()
