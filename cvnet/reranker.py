@@ -36,10 +36,10 @@ from cvnet.rerank_model import CVNetRerank, match_probability
 CORRELATION_COPIES = 2
 # Cached database pyramids read ahead of the scoring (each about 11 MB in fp32 for 1024x768).
 READ_AHEAD = 16
-# Reader threads. On CUDA a read is host work (file read and unpickling: 0.9-1.1 ms for a 1024x768
-# fp16 item on an H100 host) plus a copy and decode, 2.0-2.3 ms in all, against about 1.1 ms of
-# scoring per pair in batches of 8: one thread cannot keep up. On the CPU one thread leaves the
-# cores to the scoring.
+# Reader threads. On CUDA a read is host work plus a copy and decode: 2.0-2.3 ms in all for a
+# 1024x768 fp16 item on an H100 host when items were read with torch.load (0.9-1.1 ms of it; now
+# cvnet/cache_items.py, not yet timed there), against about 1.1 ms of scoring per pair in batches of
+# 8: one thread could not keep up. On the CPU one thread leaves the cores to the scoring.
 READ_THREADS = {"cuda": 4, "cpu": 1}
 
 

@@ -154,19 +154,22 @@ def cache_costs(model: CVNetRerank, args, device: torch.device, items: int = 32)
     return out
 
 
-def _mix_inputs(args, rng: np.random.Generator) -> tuple[list, dict, list]:
-    """(database (W, H) sizes, {set: query (W, H) sizes}, shortlists)."""
+def _real_sizes(args) -> tuple[list, list]:
+    """(every database image's (W, H) of the sizes file, every query box's (W, H) of --gnd)."""
     sizes = list(_read_sizes(_sizes_file(args)).values())
     boxes = [entry["bbx"] for entry in pickle.loads(Path(args.gnd).read_bytes())["gnd"]]
+    return sizes, [(int(b[2] - b[0]) + 1, int(b[3] - b[1]) + 1) for b in boxes]
+
+
+def _mix_inputs(args, rng: np.random.Generator) -> tuple[list, dict, list]:
+    """(database (W, H) sizes, {set: query (W, H) sizes}, shortlists)."""
+    sizes, boxes = _real_sizes(args)
     if 2 * args.queries > len(boxes):
         raise SystemExit(f"--queries {args.queries}: two sets need {2 * args.queries} query boxes")
     db_sizes = [sizes[i] for i in rng.choice(len(sizes), args.db_images, replace=False)]
     order = rng.permutation(len(boxes))
     query_sets = {
-        name: [
-            (int(boxes[i][2] - boxes[i][0]) + 1, int(boxes[i][3] - boxes[i][1]) + 1)
-            for i in order[start : start + args.queries]
-        ]
+        name: [boxes[i] for i in order[start : start + args.queries]]
         for name, start in (("A", 0), ("B", args.queries))
     }
     shortlists = [
@@ -187,12 +190,11 @@ def _stand_in(model: CVNetRerank, size_wh: tuple[int, int]) -> list[torch.Tensor
 def batch_shapes(model: CVNetRerank, args) -> dict:
     """Per pad multiple: batches, distinct batch shapes, padded / exact 4D cells (docstring)."""
     rng = np.random.default_rng(0)
-    sizes = list(_read_sizes(_sizes_file(args)).values())
-    boxes = [entry["bbx"] for entry in pickle.loads(Path(args.gnd).read_bytes())["gnd"]]
+    sizes, boxes = _real_sizes(args)
     cache = PyramidCache(cache_meta_for(model, "float32", "shapes"))
     for index, size in enumerate(sizes):
         cache.put(index, _stand_in(model, size))
-    queries = [_stand_in(model, (int(b[2] - b[0]) + 1, int(b[3] - b[1]) + 1)) for b in boxes]
+    queries = [_stand_in(model, box) for box in boxes]
     shortlists = [rng.choice(len(sizes), min(args.topk, len(sizes)), replace=False) for _ in boxes]
     out = {}
     for multiple in args.pad_multiples:
@@ -220,8 +222,9 @@ def batch_shapes(model: CVNetRerank, args) -> dict:
     return out
 
 
-def real_mix(model: CVNetRerank, args, device: torch.device, pad_multiple: int) -> dict:
-    """ms per pair of the real-size mix by query set, threads, cold/warm and cache (docstring)."""
+def real_mix(model: CVNetRerank, args, device: torch.device) -> dict:
+    """Per pad multiple, ms per pair of the real-size mix by query set, threads, cold/warm and
+    cache (docstring); the database pyramids and caches are built once for all multiples."""
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     db_sizes, query_sets, shortlists = _mix_inputs(args, rng)
@@ -248,31 +251,35 @@ def real_mix(model: CVNetRerank, args, device: torch.device, pad_multiple: int) 
             )
             return seconds / pairs * 1e3, scores
 
-        out: dict = {}
-        for name, first, second in (("A", 1, args.streams), ("B", args.streams, 1)):
-            images = queries[name]
-            rerankers = {
-                threads: CVNetReranker(
-                    model,
-                    images.__getitem__,
-                    None,
-                    memory,
-                    device,
-                    streams=threads,
-                    pad_multiple=pad_multiple,
+        by_multiple = {}
+        for multiple in args.pad_multiples:
+            out: dict = {}
+            for name, first, second in (("A", 1, args.streams), ("B", args.streams, 1)):
+                rerankers = {
+                    threads: CVNetReranker(
+                        model,
+                        queries[name].__getitem__,
+                        None,
+                        memory,
+                        device,
+                        streams=threads,
+                        pad_multiple=multiple,
+                    )
+                    for threads in (first, second)
+                }
+                for phase in ("cold", "warm"):  # the same reranker (and scoring threads) twice
+                    out[f"{name}_threads{first}_{phase}_ms_pair"], scores = timed_pass(
+                        rerankers[first]
+                    )
+                out[f"{name}_threads{second}_after_ms_pair"], other = timed_pass(rerankers[second])
+                rerankers[first].cache = disk
+                out[f"{name}_threads{first}_disk_ms_pair"], _ = timed_pass(rerankers[first])
+                out[f"{name}_max_abs_threads_diff"] = float(
+                    max(np.abs(a - b).max() for a, b in zip(scores, other))
                 )
-                for threads in (first, second)
-            }
-            for phase in ("cold", "warm"):  # the same reranker (and scoring threads) twice
-                out[f"{name}_threads{first}_{phase}_ms_pair"], scores = timed_pass(rerankers[first])
-            out[f"{name}_threads{second}_after_ms_pair"], other = timed_pass(rerankers[second])
-            rerankers[first].cache = disk
-            out[f"{name}_threads{first}_disk_ms_pair"], _ = timed_pass(rerankers[first])
-            out[f"{name}_max_abs_threads_diff"] = float(
-                max(np.abs(a - b).max() for a, b in zip(scores, other))
-            )
-    out["setup"] = {"pairs_per_run": pairs, "query_sizes_wh": query_sets}
-    return out
+            out["setup"] = {"pairs_per_run": pairs, "query_sizes_wh": query_sets}
+            by_multiple[f"pad{multiple}"] = out
+    return by_multiple
 
 
 def run(argv: list[str]) -> dict:
@@ -288,7 +295,7 @@ def run(argv: list[str]) -> dict:
         "profile_fp32_b16": profile,
         "cache": cache_costs(model, args, device),
         "shapes": batch_shapes(model, args),
-        "mix": {f"pad{m}": real_mix(model, args, device, m) for m in args.pad_multiples},
+        "mix": real_mix(model, args, device),
         "note": (
             "A/B: disjoint query sets; 'cold' = shapes never scored in this process, 'warm' = "
             "the same calls again, 'after' = the other thread count on shapes the first has seen "
