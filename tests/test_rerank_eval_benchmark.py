@@ -41,12 +41,14 @@ def test_quick_run_times_every_phase_and_the_shared_pass_equals_the_lazy_path(tm
             "--lazy",
             "--global-run",
             *("--opts", "TEST.RERANK_STREAMS", "2"),  # concurrent scoring threads
+            *("--variant", "TEST.RERANK_STREAMS", "1", "TEST.RERANK_CACHE_DTYPE", "float16"),
         ]
     )
     assert out["shared_pass_used"] and out["lazy_equals_shared"]
     assert out["setup"]["opts"] == ["TEST.RERANK_STREAMS", "2"]
     runs = out["runs"]
-    assert set(runs) == {"shared_cold", "shared_warm", "global", "lazy_cold"}
+    variant = "warm TEST.RERANK_STREAMS=1 TEST.RERANK_CACHE_DTYPE=float16"
+    assert set(runs) == {"shared_cold", "shared_warm", variant, "global", "lazy_cold"}
     cold = runs["shared_cold"]["seconds"]
     assert set(cold) == {
         "extract_query",
@@ -56,6 +58,12 @@ def test_quick_run_times_every_phase_and_the_shared_pass_equals_the_lazy_path(tm
         "rerank",
     }
     assert 0 < cold["extract_db_rerank_pyramids"] < cold["extract_db"]
+    # the variant re-ranks the warm caches (no pyramid rebuilt) with one thread, to the same scores
+    assert runs[variant]["seconds"]["extract_db_rerank_pyramids"] < 0.05 * cold["extract_db"]
+    assert runs[variant]["rerank_pairs"] == runs["shared_cold"]["rerank_pairs"]
+    assert out["variants"] == {
+        variant: {"rerank_s": runs[variant]["seconds"]["rerank"], "max_map_difference": 0.0}
+    }
     assert "rerank" not in runs["global"]["seconds"]
     assert runs["shared_cold"]["rerank_pairs"] == runs["lazy_cold"]["rerank_pairs"] > 0
     # the shared pass stores every database pyramid, the lazy path only the shortlisted ones
@@ -94,6 +102,8 @@ def test_a_foreign_work_folder_or_a_missing_input_is_refused(tmp_path) -> None:
     with pytest.raises(SystemExit, match="not made by this benchmark"):
         run([*base, "--work", str(tmp_path)])
     assert (tmp_path / "mine.txt").read_text() == "user data"
+    with pytest.raises(SystemExit):  # a --variant of a key without its value
+        parse_args([*base, "--work", str(tmp_path / "w"), "--variant", "TEST.RERANK_STREAMS"])
     with pytest.raises(SystemExit):  # argparse: --sizes-dir holds no roxford5k_gallery_sizes.txt
         parse_args([*base[:2], "--sizes-dir", str(tmp_path), "--work", str(tmp_path / "w")])
 

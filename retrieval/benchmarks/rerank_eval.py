@@ -14,11 +14,15 @@ order (the essential ones first):
   database pyramids are built in the scale-1 pass of the global extraction (timed as
   ``extract_db_rerank_pyramids``), the queries' when first scored;
 * ``shared_warm``: the same again (global features and pyramids come from the cache);
+* ``warm KEY=VALUE ...`` (each ``--variant``): shared_warm with those overrides as well, so
+  re-rank settings (``TEST.RERANK_PAD_MULTIPLE``, ``TEST.RERANK_STREAMS``...) are compared side by
+  side on one extraction; its mAP must equal shared_warm's where the setting leaves scores alone;
 * ``global`` (``--global-run``): global descriptors only, cold: the extraction without the tap;
 * ``lazy_cold`` (``--lazy``): shared pass off, cold: pyramids built for the shortlisted images.
 
 ``rerank_cold_s`` = shared_cold's ``rerank`` + ``extract_db_rerank_pyramids``: what the re-rank adds
-to a cold evaluation.
+to a cold evaluation. ``variants``: per variant, its re-rank seconds and the largest mAP difference
+from shared_warm.
 """
 
 from __future__ import annotations
@@ -82,7 +86,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="KEY VALUE",
         help="config overrides for every run, e.g. TEST.RERANK_STREAMS 4",
     )
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="KEY VALUE",
+        help="one more warm run with these overrides (repeatable), e.g. TEST.RERANK_PAD_MULTIPLE 1",
+    )
     args = parser.parse_args(argv)
+    for variant in args.variant:
+        if len(variant) % 2:
+            parser.error(f"--variant {' '.join(variant)!r}: expected KEY VALUE pairs")
+    labels = [_variant_label(variant) for variant in args.variant]
+    if len(set(labels)) < len(labels):
+        parser.error(f"--variant: the same overrides given twice ({labels})")
     for flag, path in (("--gnd", Path(args.gnd)), ("--sizes-dir", _sizes_file(args))):
         if not path.is_file():
             parser.error(f"{flag}: {str(path)!r} is not a file")
@@ -208,6 +226,23 @@ def _cfg(args: argparse.Namespace, data_root: Path, name: str, out: Path, opts: 
     )
 
 
+def _variant_label(variant: list[str]) -> str:
+    """'warm KEY=VALUE ...' of one --variant."""
+    pairs = zip(variant[::2], variant[1::2])
+    return "warm " + " ".join(f"{key}={value}" for key, value in pairs)
+
+
+def _max_map_difference(run_a: dict, run_b: dict) -> float:
+    """The largest |mAP difference| over the rows and protocols two runs share (NaNs skipped)."""
+    differences = [
+        abs(value - run_b["map"][row][protocol])
+        for row, protocols in run_a["map"].items()
+        if row in run_b["map"]
+        for protocol, value in protocols.items()
+    ]
+    return max((d for d in differences if not math.isnan(d)), default=0.0)
+
+
 def _cache_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
@@ -223,6 +258,8 @@ def run(argv: list[str]) -> dict:
         "shared_cold": ("shared", ["TEST.RERANK_TOPK", topk]),
         "shared_warm": ("shared", ["TEST.RERANK_TOPK", topk]),
     }
+    for variant in args.variant:
+        runs[_variant_label(variant)] = ("shared", ["TEST.RERANK_TOPK", topk, *variant])
     if args.global_run:
         runs["global"] = ("global", ["TEST.RERANK_TOPK", "[]"])
     if args.lazy:
@@ -248,6 +285,13 @@ def run(argv: list[str]) -> dict:
     results["shared_pass_used"] = "extract_db_rerank_pyramids" in cold
     results["rerank_cold_s"] = cold["rerank"] + cold.get("extract_db_rerank_pyramids", 0.0)
     results["rerank_warm_s"] = done["shared_warm"]["seconds"]["rerank"]
+    results["variants"] = {
+        label: {
+            "rerank_s": done[label]["seconds"]["rerank"],
+            "max_map_difference": _max_map_difference(done[label], done["shared_warm"]),
+        }
+        for label in map(_variant_label, args.variant)
+    }
     if args.global_run:
         overhead = cold["extract_db"] - done["global"]["seconds"]["extract_db"]
         results["shared_pass_extraction_overhead_s"] = overhead
