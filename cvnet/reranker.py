@@ -85,7 +85,8 @@ class CVNetReranker:
     thread started for one query would plan every shape again for the next call. ``pad_multiple``
     > 1 rounds the 4D CNN's grids up to a multiple of that many cells, masked (cvnet/padding.py):
     database images of nearby sizes share batches, and queries of nearby sizes share shapes, so
-    cuDNN plans fewer of them, for a little more work per pair.
+    cuDNN plans fewer of them, for a little more work per pair. It pays from one thread only: with
+    four, the masking's extra host work cost more than the plans it saved (H100, docs/benchmarks).
     """
 
     def __init__(

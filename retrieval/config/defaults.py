@@ -287,8 +287,10 @@ _C.TEST.RERANK_STREAMS = 4
 # CVNet-Rerank on CUDA: round the 4D CNN's query and database grids up to a multiple of this many
 # cells (4 = 128 px for res4 features), masked so the scores are unchanged (cvnet/padding.py):
 # images of nearby sizes then share batches and conv shapes, so cuDNN plans fewer shapes. 1 = exact
-# grids; the CPU always uses 1 (there, padding only adds work).
-_C.TEST.RERANK_PAD_MULTIPLE = 4
+# grids, the default: with TEST.RERANK_STREAMS threads the masking's extra host work costs more
+# than the plans it saves (H100, ROxf stand-in: re-rank 37.6 s at 1, 50.0 s at 4, 50.6 s at 8;
+# docs/benchmarks). It can pay with one stream. The CPU always uses 1 (padding only adds work).
+_C.TEST.RERANK_PAD_MULTIPLE = 1
 # Fusion weight: s_global + weight * s_rerank (CVNet: 0.5; Fig. S3).
 _C.TEST.RERANK_WEIGHT = 0.5
 # Re-ranker: cvnet (a CVNet-Rerank checkpoint) or gv (geometric verification with pydegensac).
