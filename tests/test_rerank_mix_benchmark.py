@@ -25,6 +25,12 @@ def test_tiny_run_reports_every_part_and_equal_scores_across_threads() -> None:
     assert len(out["profile_fp32_b16"]) == 2
     assert out["cache"]["item_bytes"] > 0 and out["cache"]["get_from_disk_ms"] > 0
     assert set(out["mix"]) == {"pad1", "pad4"}
+    profiled = out["mix_profile"]  # set P, one thread, exact grids, cold then warm
+    assert profiled["pad_multiple"] == 1 and profiled["pairs"] == 8
+    for phase in ("cold", "warm"):
+        assert profiled[phase]["wall_ms"] > 0 and len(profiled[phase]["top_host_ops"]) == 2
+        assert profiled[phase]["device_busy_ms"] == 0  # nothing runs on a device on the CPU
+        assert profiled[phase]["top_host_ops"][0]["self_cpu_ms"] > 0
     for mix in out["mix"].values():
         for name, first, second in (("A", 1, 2), ("B", 2, 1)):
             for key in ("cold", "warm", "disk"):
@@ -32,7 +38,8 @@ def test_tiny_run_reports_every_part_and_equal_scores_across_threads() -> None:
             assert mix[f"{name}_threads{second}_after_ms_pair"] > 0
             assert mix[f"{name}_max_abs_threads_diff"] <= 1e-6
         assert mix["setup"]["pairs_per_run"] == 8
-        assert mix["setup"]["query_sizes_wh"]["A"] != mix["setup"]["query_sizes_wh"]["B"]
+        sets = mix["setup"]["query_sizes_wh"]
+        assert sets["A"] != sets["B"] != sets["P"] != sets["A"]
     exact, padded = out["shapes"]["pad1"], out["shapes"]["pad4"]
     assert out["shapes"]["setup"] == {"queries": 70, "db_images": 4993, "batch_size": 8}
     assert exact["padded_over_exact_cells"] == 1.0  # multiple 1 pads nothing
@@ -49,5 +56,8 @@ def test_bad_arguments_are_refused(tmp_path) -> None:
     for multiples in ("0,4", "1,x"):
         with pytest.raises(SystemExit):
             parse_args([*BASE, "--pad-multiples", multiples])
+    parse_args([*BASE, "--queries", "35", "--profile", "0"])  # two sets of 35: all 70 boxes
+    with pytest.raises(SystemExit):  # three sets (A, B and the profiled P) need 72 boxes
+        parse_args([*BASE, "--queries", "24"])
     with pytest.raises(SystemExit):  # no roxford5k_gallery_sizes.txt there
         parse_args([*BASE[:2], "--sizes-dir", str(tmp_path)])

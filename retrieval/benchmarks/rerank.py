@@ -160,15 +160,19 @@ def measure_ours(
     return query_seconds, seconds / ids.size, scores
 
 
-def profile_ops(fn: Callable, device: torch.device, top: int) -> list[dict]:
-    """The ``top`` ops of one call of ``fn`` by self time on ``device``, costliest first."""
+def _profiled(fn: Callable, device: torch.device) -> tuple[float, torch.profiler.profile]:
+    """(wall seconds, torch.profiler's record) of one call of ``fn``, device synchronised; CPU ops,
+    and on CUDA the kernels and copies too."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        fn()
-        _sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        seconds, _ = _timed(fn, device)
+    return seconds, prof
+
+
+def _top_ops(prof: torch.profiler.profile, key: str, top: int) -> list[dict]:
+    """The ``top`` ops of a record by ``key`` (a FunctionEvent time attribute), costliest first."""
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
     return [
         {
@@ -179,6 +183,28 @@ def profile_ops(fn: Callable, device: torch.device, top: int) -> list[dict]:
         }
         for event in events
     ]
+
+
+def profile_ops(fn: Callable, device: torch.device, top: int) -> list[dict]:
+    """The ``top`` ops of one call of ``fn`` by self time on ``device``, costliest first."""
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return _top_ops(_profiled(fn, device)[1], key, top)
+
+
+def profile_busy(fn: Callable, device: torch.device, top: int) -> dict:
+    """Is one call of ``fn`` host- or device-bound? Its wall ms under the profiler, the ms the
+    device spent in kernels and copies (0 on the CPU; work on overlapping streams counts twice),
+    their ratio, and the ``top`` ops by self CPU time (the host's work: dispatch, cuDNN
+    planning)."""
+    seconds, prof = _profiled(fn, device)
+    device_events = [e for e in prof.events() if e.device_type != torch.autograd.DeviceType.CPU]
+    busy_ms = sum(event.device_time_total for event in device_events) / 1e3
+    return {
+        "wall_ms": seconds * 1e3,
+        "device_busy_ms": busy_ms,
+        "device_busy_share": busy_ms / (seconds * 1e3),
+        "top_host_ops": _top_ops(prof, "self_cpu_time_total", top),
+    }
 
 
 def pairs_per_second(query_seconds: list[float], pair_seconds: list[float], k: int) -> float:

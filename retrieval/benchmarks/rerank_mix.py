@@ -15,6 +15,10 @@ host, and PyTorch keeps those plans per thread. This benchmark separates that co
   more from an on-disk fp16 cache (reads included, plans warm).
   The query pyramid (one backbone pass per query) is part of each query's time.
   Run once per ``--pad-multiples`` value (``TEST.RERANK_PAD_MULTIPLE``, cvnet/padding.py).
+* ``mix_profile`` (with ``--profile``): a third query set P, one scoring thread, the first pad
+  multiple, cold then warm, each pass under torch.profiler: wall ms, the ms the device spent in
+  kernels and copies, and the ops with the most host time, so host-bound (dispatch, cuDNN
+  planning) and device-bound passes are told apart.
 * ``cache``: per database image, the compress convs alone, compress + ``PyramidCache.put`` to disk
   (flushed), ``PyramidCache.get`` from disk to the device, and ``read_item`` of one item file.
 * ``shapes``: what padding does to the batches of a whole evaluation, without scoring: every query
@@ -44,7 +48,7 @@ from cvnet.cache_items import read_item
 from cvnet.correlation import pyramid_sizes
 from cvnet.rerank_model import CVNetRerank
 from cvnet.reranker import CVNetReranker
-from retrieval.benchmarks.rerank import _timed, build_random_model, profile_ops
+from retrieval.benchmarks.rerank import _timed, build_random_model, profile_busy, profile_ops
 from retrieval.benchmarks.rerank_eval import _read_sizes, _sizes_file
 
 QUERY_CROP = (547, 449)  # H x W of the median ROxf query box
@@ -66,7 +70,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--streams", type=int, default=4, help="scoring threads to compare with 1")
     parser.add_argument("--size-divisor", type=int, default=1, help="divide every image size")
     parser.add_argument("--batches", default="1,2,4,8,16", help="batch sizes of the sweep")
-    parser.add_argument("--profile", type=int, default=12, help="top ops of one batch of 16")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=12,
+        help="top ops of one batch of 16, and of a profiled pass of the mix (0 = neither)",
+    )
     parser.add_argument(
         "--pad-multiples", default="1,4", help="TEST.RERANK_PAD_MULTIPLE values to compare"
     )
@@ -82,7 +91,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--pad-multiples {args.pad_multiples!r}: expected integers like 1,4")
     if min(args.pad_multiples) < 1:
         parser.error(f"--pad-multiples {args.pad_multiples}: each must be >= 1")
+    boxes = len(pickle.loads(Path(args.gnd).read_bytes())["gnd"])
+    needed = len(_query_set_names(args)) * args.queries
+    if needed > boxes:
+        parser.error(
+            f"--queries {args.queries}: the query sets need {needed} boxes, --gnd has {boxes}"
+        )
     return args
+
+
+def _query_set_names(args: argparse.Namespace) -> tuple[str, ...]:
+    """The mix's disjoint query sets: A and B, and P for the profiled passes."""
+    return ("A", "B", "P") if args.profile else ("A", "B")
 
 
 def _median_seconds(fn: Callable, device: torch.device, reps: int = 5, warmup: int = 2) -> float:
@@ -164,13 +184,12 @@ def _real_sizes(args) -> tuple[list, list]:
 def _mix_inputs(args, rng: np.random.Generator) -> tuple[list, dict, list]:
     """(database (W, H) sizes, {set: query (W, H) sizes}, shortlists)."""
     sizes, boxes = _real_sizes(args)
-    if 2 * args.queries > len(boxes):
-        raise SystemExit(f"--queries {args.queries}: two sets need {2 * args.queries} query boxes")
+    names = _query_set_names(args)
     db_sizes = [sizes[i] for i in rng.choice(len(sizes), args.db_images, replace=False)]
     order = rng.permutation(len(boxes))
     query_sets = {
-        name: [boxes[i] for i in order[start : start + args.queries]]
-        for name, start in (("A", 0), ("B", args.queries))
+        name: [boxes[i] for i in order[n * args.queries : (n + 1) * args.queries]]
+        for n, name in enumerate(names)
     }
     shortlists = [
         rng.choice(args.db_images, min(args.topk, args.db_images), replace=False)
@@ -222,9 +241,10 @@ def batch_shapes(model: CVNetRerank, args) -> dict:
     return out
 
 
-def real_mix(model: CVNetRerank, args, device: torch.device) -> dict:
-    """Per pad multiple, ms per pair of the real-size mix by query set, threads, cold/warm and
-    cache (docstring); the database pyramids and caches are built once for all multiples."""
+def real_mix(model: CVNetRerank, args, device: torch.device) -> tuple[dict, dict | None]:
+    """(per pad multiple, ms per pair of the real-size mix by query set, threads, cold/warm and
+    cache; the profiled passes of set P or None) (docstring); the database pyramids and caches are
+    built once for all multiples."""
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     db_sizes, query_sets, shortlists = _mix_inputs(args, rng)
@@ -279,7 +299,20 @@ def real_mix(model: CVNetRerank, args, device: torch.device) -> dict:
                 )
             out["setup"] = {"pairs_per_run": pairs, "query_sizes_wh": query_sets}
             by_multiple[f"pad{multiple}"] = out
-    return by_multiple
+    if "P" not in queries:
+        return by_multiple, None
+    multiple = args.pad_multiples[0]
+    reranker = CVNetReranker(
+        model, queries["P"].__getitem__, None, memory, device, pad_multiple=multiple
+    )
+    profiled = {"pad_multiple": multiple, "pairs": pairs}
+    for phase in ("cold", "warm"):
+        profiled[phase] = profile_busy(
+            lambda: [reranker.score(i, ids) for i, ids in enumerate(shortlists)],
+            device,
+            args.profile,
+        )
+    return by_multiple, profiled
 
 
 def run(argv: list[str]) -> dict:
@@ -289,13 +322,16 @@ def run(argv: list[str]) -> dict:
     torch.manual_seed(0)
     model = build_random_model(args.depth, 256, device)
     sweep, profile = batch_sweep(model, args, device)
+    cache, shapes = cache_costs(model, args, device), batch_shapes(model, args)
+    mix, mix_profile = real_mix(model, args, device)
     return {
         "setup": {k: str(v) for k, v in vars(args).items()},
         "batch_sweep": sweep,
         "profile_fp32_b16": profile,
-        "cache": cache_costs(model, args, device),
-        "shapes": batch_shapes(model, args),
-        "mix": real_mix(model, args, device),
+        "cache": cache,
+        "shapes": shapes,
+        "mix": mix,
+        "mix_profile": mix_profile,
         "note": (
             "A/B: disjoint query sets; 'cold' = shapes never scored in this process, 'warm' = "
             "the same calls again, 'after' = the other thread count on shapes the first has seen "
