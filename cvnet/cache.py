@@ -9,7 +9,9 @@ are packed two per byte.
 Storage is in memory, or on disk as one file per image (format: cvnet/cache_items.py) at
 ``<dir>/items/<index // 10000>/<index>.pyr`` next to ``<dir>/cache_meta.json``. Items are written
 atomically by a background thread, so the caller's device work overlaps the disk writes; an item
-still being written is served from memory.
+still being written is served from memory. From a GPU the codes are copied into pinned host memory
+without waiting for the device (the writer waits for the copy), so a put inside the global
+extraction leaves the device's queue full.
 The metadata (model fingerprint, C', scales, dtype, feature layer, dataset) is checked when the
 cache is opened and inside every item, so an inconsistent or corrupt cache either raises
 ``CacheError`` or, with ``rebuild=True``, is discarded and recomputed; it is never silently reused.
@@ -48,6 +50,33 @@ WRITE_BEHIND = 32
 
 class CacheError(RuntimeError):
     """A cache not matching the model/settings, or a corrupt item; the message says which."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HostCodes:
+    """One pyramid's codes on the host, possibly still being copied from a GPU."""
+
+    codes: list[torch.Tensor]
+    copied: torch.cuda.Event | None  # recorded after the copies; None: already on the host
+
+    @classmethod
+    def copy_of(cls, codes: Sequence[torch.Tensor]) -> HostCodes:
+        """Start copying ``codes`` to the host. From a GPU: into pinned memory, queued on the
+        current stream behind the work that makes them, without waiting for it."""
+        if not codes or codes[0].device.type != "cuda":
+            return cls([c.cpu() for c in codes], None)
+        host = [torch.empty(c.shape, dtype=c.dtype, pin_memory=True) for c in codes]
+        for target, source in zip(host, codes):
+            target.copy_(source, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(codes[0].device))
+        return cls(host, copied)
+
+    def ready(self) -> list[torch.Tensor]:
+        """The codes, once the copies have finished (waits for them; any thread)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.codes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +193,8 @@ class PyramidCache:
         self.rebuild = rebuild
         self._memory: dict[int, list[torch.Tensor]] = {}
         # directory mode: items queued for writing (served from here until written), oldest first
-        self._pending: dict[int, list[torch.Tensor]] = {}
-        self._writes: deque[tuple[int, list[torch.Tensor], Future]] = deque()
+        self._pending: dict[int, HostCodes] = {}
+        self._writes: deque[tuple[int, HostCodes, Future]] = deque()
         self._writer: ThreadPoolExecutor | None = None
         if self.directory is not None:
             self._open_directory()
@@ -228,27 +257,30 @@ class PyramidCache:
             self._finish_oldest_write()
 
     def _finish_oldest_write(self) -> None:
-        index, codes, write = self._writes.popleft()
+        index, entry, write = self._writes.popleft()
         write.result()
         # the file exists before the entry goes, so a concurrent get() always finds one of them
-        if self._pending.get(index) is codes:
+        if self._pending.get(index) is entry:
             del self._pending[index]
 
     def put(self, index: int, levels: Sequence[torch.Tensor]) -> None:
         """Store the pyramid of one image: levels (1, C', h_i, w_i) (or (C', h_i, w_i))."""
-        codes = [self._encode(_unit_vectors(x)).cpu() for x in levels]
-        if self.directory is None:
-            self._memory[index] = codes
+        codes = [self._encode(_unit_vectors(x)) for x in levels]
+        if self.directory is None:  # kept as long as the cache: pageable memory
+            self._memory[index] = [c.cpu() for c in codes]
             return
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="pyramid-write")
-        self._pending[index] = codes
-        write = self._writer.submit(
-            write_item, self._item_path(index), self._digest, self.meta.compress_dim, codes
-        )
-        self._writes.append((index, codes, write))
+        entry = HostCodes.copy_of(codes)
+        self._pending[index] = entry
+        write = self._writer.submit(self._write_item, index, entry)
+        self._writes.append((index, entry, write))
         while len(self._writes) > WRITE_BEHIND:
             self._finish_oldest_write()
+
+    def _write_item(self, index: int, entry: HostCodes) -> None:
+        """Write one item's file once its codes are on the host (writer thread)."""
+        write_item(self._item_path(index), self._digest, self.meta.compress_dim, entry.ready())
 
     def get(self, index: int, device: torch.device | str = "cpu") -> list[torch.Tensor] | None:
         """The pyramid as float32 unit vectors (1, C', h_i, w_i) on ``device``; None if absent.
@@ -259,7 +291,8 @@ class PyramidCache:
         if self.directory is None:
             codes = self._memory.get(index)
         else:  # an item still queued for writing is served from memory
-            codes = self._pending.get(index)
+            entry = self._pending.get(index)
+            codes = entry.ready() if entry is not None else None
             if codes is None:
                 codes = self._load_item(index, pin_memory=to_gpu)
         if codes is None:

@@ -380,6 +380,26 @@ def test_items_being_written_are_served_from_memory_and_write_errors_surface(tmp
         cache.flush()
 
 
+@pytest.mark.gpu
+def test_disk_cache_put_from_cuda_does_not_wait_and_its_readers_do(tmp_path):
+    """put() from a GPU queues the copies to pinned host memory and returns; an item served while
+    queued and the written file hold the codes of a synchronous copy all the same."""
+    levels = [torch.randn(1, 4, 30, 40, device="cuda"), torch.randn(1, 4, 60, 80, device="cuda")]
+    memory = PyramidCache(fake_meta())  # stores synchronously
+    memory.put(0, levels)
+    expected = memory.get(0)
+    cache = PyramidCache(fake_meta(), tmp_path)
+    torch.cuda._sleep(200_000_000)  # the stream spins (about 0.1 s): the copies queue behind it
+    cache.put(0, levels)
+    entry = cache._pending[0]
+    assert entry.copied is not None and not entry.copied.query()  # put() did not wait
+    served = cache.get(0, "cuda")
+    cache.flush()
+    for want, got, stored in zip(expected, served, cache.get(0)):
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+        torch.testing.assert_close(stored, want, rtol=0, atol=0)
+
+
 def test_model_fingerprint_tracks_pyramid_weights_only():
     model = build_model(rerank_cfg(18, "MODEL.RERANK.COMPRESS_DIM", "8"))
     before = model_fingerprint(model)

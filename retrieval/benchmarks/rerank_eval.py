@@ -21,8 +21,11 @@ order (the essential ones first):
 * ``lazy_cold`` (``--lazy``): shared pass off, cold: pyramids built for the shortlisted images.
 
 ``rerank_cold_s`` = shared_cold's ``rerank`` + ``extract_db_rerank_pyramids``: what the re-rank adds
-to a cold evaluation. ``variants``: per variant, its re-rank seconds and the largest mAP difference
-from shared_warm.
+to a cold evaluation, as far as the host waits for it. On CUDA the pyramids' device work overlaps
+the extraction (cvnet/cache.py), so with ``--global-run`` ``shared_pass_extraction_overhead_s``
+(shared_cold's ``extract_db`` - global's) is the fuller measure. It overstates: global runs after
+the shared runs, with the JPEGs in the page cache and the backbone's cuDNN plans warm.
+``variants``: per variant, its re-rank seconds and the largest mAP difference from shared_warm.
 """
 
 from __future__ import annotations

@@ -256,8 +256,9 @@ def _timed(seconds: dict, phase: str) -> Iterator[None]:
 
 
 def _timed_tap(tap: DenseTap, seconds: dict, phase: str) -> DenseTap:
-    """``tap`` whose consumer's wall time goes to seconds[phase] (the pyramids are stored on the
-    host, which synchronises the device)."""
+    """``tap`` whose consumer's wall time goes to seconds[phase]: the host's part. A disk cache
+    copies a GPU's pyramids to the host without waiting for the device, so their device time
+    shows in the extraction's time, not here (compare with a global-only extraction)."""
 
     def consume(index: int, maps: list[torch.Tensor]) -> None:
         with _timed(seconds, phase):
