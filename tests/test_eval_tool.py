@@ -189,6 +189,30 @@ def test_cpu_bf16_scoring_warns_where_bf16_is_not_native(tmp_path, monkeypatch, 
     assert ("slower than in fp32" in caplog.text) is not native
 
 
+def test_scoring_batch_and_memory_budget_reach_the_reranker_and_are_checked(
+    tmp_path, monkeypatch
+) -> None:
+    opts = ["MODEL.ARCH", "cvnet_rerank", "MODEL.RERANK.COMPRESS_DIM", 8, "TEST.RERANK_BATCH", 3]
+    cfg = _cfg(tmp_path, *opts)
+    settings = ExtractSettings.from_cfg(cfg)
+    model = build_model(cfg)
+    context = RerankContext("x", [], None, [], None, torch.device("cpu"), settings, tmp_path)
+    reranker = RERANKERS["cvnet"](cfg, model, context)
+    assert reranker.batch_size == 3 and reranker.memory_bytes == 4096 * 2**20  # auto on the CPU
+    cfg = _cfg(tmp_path, *opts, "TEST.RERANK_MEMORY_MB", 100)
+    assert RERANKERS["cvnet"](cfg, model, context).memory_bytes == 100 * 2**20
+    # auto on CUDA (faked: the reranker is not built, its arguments are recorded): half the free
+    built = {}
+    monkeypatch.setattr(cvnet.reranker, "CVNetReranker", lambda *a, **kw: built.update(kw))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
+    cuda = dataclasses.replace(context, device=torch.device("cuda"), pyramids=object())
+    RERANKERS["cvnet"](_cfg(tmp_path, *opts), SimpleNamespace(to=lambda device: None), cuda)
+    assert built["memory_mb"] == 5 * 1024 and built["batch_size"] == 3
+    for key, bad in (("RERANK_MEMORY_MB", -1), ("RERANK_BATCH", 0)):
+        with pytest.raises(ValueError, match=f"TEST.{key}={bad}; expected an integer >= "):
+            RERANKERS["cvnet"](_cfg(tmp_path, *opts, f"TEST.{key}", bad), model, context)
+
+
 @pytest.mark.parametrize(
     "key,attribute", [("RERANK_STREAMS", "streams"), ("RERANK_PAD_MULTIPLE", "pad_multiple")]
 )
@@ -204,6 +228,7 @@ def test_scoring_streams_and_padding_apply_on_cuda_only_and_are_checked(
     # on CUDA (faked: the reranker is not built, its arguments are recorded)
     built = {}
     monkeypatch.setattr(cvnet.reranker, "CVNetReranker", lambda *a, **kw: built.update(kw))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**30, 2**31))
     cuda = dataclasses.replace(context, device=torch.device("cuda"), pyramids=object())
     RERANKERS["cvnet"](cfg, SimpleNamespace(to=lambda device: None), cuda)
     assert built[attribute] == 3

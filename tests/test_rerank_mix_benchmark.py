@@ -40,7 +40,10 @@ def test_tiny_run_reports_every_part_and_equal_scores_across_threads() -> None:
         assert mix["setup"]["pairs_per_run"] == 8
         sets = mix["setup"]["query_sizes_wh"]
         assert sets["A"] != sets["B"] != sets["P"] != sets["A"]
+    assert out["setup"]["memory_mb"] == "4096"  # automatic on the CPU
     exact, padded = out["shapes"]["pad1"], out["shapes"]["pad4"]
+    # two streams share the 4096 MiB: ROxf's larger pairs then come in smaller batches
+    assert out["shapes"]["pad1_streams2"]["batches"] > exact["batches"]
     assert out["shapes"]["setup"] == {"queries": 70, "db_images": 4993, "batch_size": 8}
     assert exact["padded_over_exact_cells"] == 1.0  # multiple 1 pads nothing
     # ROxf's sizes: padding to 4 cells merges database sizes into fuller batches and fewer shapes,
@@ -59,5 +62,7 @@ def test_bad_arguments_are_refused(tmp_path) -> None:
     parse_args([*BASE, "--queries", "35", "--profile", "0"])  # two sets of 35: all 70 boxes
     with pytest.raises(SystemExit):  # three sets (A, B and the profiled P) need 72 boxes
         parse_args([*BASE, "--queries", "24"])
+    with pytest.raises(SystemExit):
+        parse_args([*BASE, "--memory-mb", "-1"])
     with pytest.raises(SystemExit):  # no roxford5k_gallery_sizes.txt there
         parse_args([*BASE[:2], "--sizes-dir", str(tmp_path)])

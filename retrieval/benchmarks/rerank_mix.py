@@ -23,9 +23,13 @@ host, and PyTorch keeps those plans per thread. This benchmark separates that co
   (flushed), ``PyramidCache.get`` from disk to the device, and ``read_item`` of one item file.
 * ``shapes``: what padding does to the batches of a whole evaluation, without scoring: every query
   box of ``--gnd`` against ``--topk`` random database images of the whole sizes file, batched by
-  the reranker's own rule (stand-in pyramids of one channel), per pad multiple: batches, distinct
-  (query grid, database grid, batch) shapes (what cuDNN plans from one thread), and the padded
-  cells of the 4D CNN over the exact ones.
+  the reranker's own rule (stand-in pyramids of one channel), per pad multiple, for one scoring
+  thread (``pad<m>``) and for ``--streams`` (``pad<m>_streams<n>``, which share the memory
+  budget): batches, distinct (query grid, database grid, batch) shapes (what cuDNN plans from one
+  thread), and the padded cells of the 4D CNN over the exact ones.
+
+Every reranker bounds its correlation volumes by ``--memory-mb`` (``TEST.RERANK_MEMORY_MB``; 0 =
+automatic as in the evaluation: half the GPU's free memory, 4096 on the CPU), resolved once.
 
 Random weights and images; the scores of one and of several threads must agree (reported).
 """
@@ -33,6 +37,7 @@ Random weights and images; the scores of one and of several threads must agree (
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import pickle
 import statistics
@@ -47,7 +52,7 @@ from cvnet.cache import PyramidCache, cache_meta_for
 from cvnet.cache_items import read_item
 from cvnet.correlation import pyramid_sizes
 from cvnet.rerank_model import CVNetRerank
-from cvnet.reranker import CVNetReranker
+from cvnet.reranker import CVNetReranker, memory_budget_mb
 from retrieval.benchmarks.rerank import _timed, build_random_model, profile_busy, profile_ops
 from retrieval.benchmarks.rerank_eval import _read_sizes, _sizes_file
 
@@ -79,6 +84,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--pad-multiples", default="1,4", help="TEST.RERANK_PAD_MULTIPLE values to compare"
     )
+    parser.add_argument(
+        "--memory-mb",
+        type=int,
+        default=0,
+        help="TEST.RERANK_MEMORY_MB of every reranker (0 = automatic, as in the evaluation)",
+    )
     args = parser.parse_args(argv)
     for flag, path in (("--gnd", Path(args.gnd)), ("--sizes-dir", _sizes_file(args))):
         if not path.is_file():
@@ -91,6 +102,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--pad-multiples {args.pad_multiples!r}: expected integers like 1,4")
     if min(args.pad_multiples) < 1:
         parser.error(f"--pad-multiples {args.pad_multiples}: each must be >= 1")
+    if args.memory_mb < 0:
+        parser.error(f"--memory-mb {args.memory_mb}: expected >= 0 (0 = automatic)")
     boxes = len(pickle.loads(Path(args.gnd).read_bytes())["gnd"])
     needed = len(_query_set_names(args)) * args.queries
     if needed > boxes:
@@ -216,8 +229,16 @@ def batch_shapes(model: CVNetRerank, args) -> dict:
     queries = [_stand_in(model, box) for box in boxes]
     shortlists = [rng.choice(len(sizes), min(args.topk, len(sizes)), replace=False) for _ in boxes]
     out = {}
-    for multiple in args.pad_multiples:
-        reranker = CVNetReranker(model, None, None, cache, pad_multiple=multiple)
+    for multiple, streams in itertools.product(args.pad_multiples, (1, args.streams)):
+        reranker = CVNetReranker(
+            model,
+            None,
+            None,
+            cache,
+            memory_mb=args.memory_mb,
+            streams=streams,
+            pad_multiple=multiple,
+        )
         shapes, batches, padded, exact = set(), 0, 0, 0
         for q_levels, ids in zip(queries, shortlists):
             q_grid, q_exact = model.padded_grid(q_levels, multiple), model.grid(q_levels)
@@ -227,7 +248,7 @@ def batch_shapes(model: CVNetRerank, args) -> dict:
                 batches += 1
                 padded += len(group) * math.prod(q_grid) * math.prod(k_grid)
                 exact += math.prod(q_exact) * sum(math.prod(model.grid(k)) for _, k in group)
-        out[f"pad{multiple}"] = {
+        out[f"pad{multiple}" + (f"_streams{streams}" if streams > 1 else "")] = {
             "batches": batches,
             "distinct_shapes": len(shapes),
             "mean_batch": sum(len(ids) for ids in shortlists) / batches,
@@ -282,6 +303,7 @@ def real_mix(model: CVNetRerank, args, device: torch.device) -> tuple[dict, dict
                         None,
                         memory,
                         device,
+                        memory_mb=args.memory_mb,
                         streams=threads,
                         pad_multiple=multiple,
                     )
@@ -303,7 +325,13 @@ def real_mix(model: CVNetRerank, args, device: torch.device) -> tuple[dict, dict
         return by_multiple, None
     multiple = args.pad_multiples[0]
     reranker = CVNetReranker(
-        model, queries["P"].__getitem__, None, memory, device, pad_multiple=multiple
+        model,
+        queries["P"].__getitem__,
+        None,
+        memory,
+        device,
+        memory_mb=args.memory_mb,
+        pad_multiple=multiple,
     )
     profiled = {"pad_multiple": multiple, "pairs": pairs}
     for phase in ("cold", "warm"):
@@ -321,6 +349,7 @@ def run(argv: list[str]) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_random_model(args.depth, 256, device)
+    args.memory_mb = memory_budget_mb(args.memory_mb, device)
     sweep, profile = batch_sweep(model, args, device)
     cache, shapes = cache_costs(model, args, device), batch_shapes(model, args)
     mix, mix_profile = real_mix(model, args, device)

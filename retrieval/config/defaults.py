@@ -287,10 +287,19 @@ _C.TEST.RERANK_STREAMS = 4
 # CVNet-Rerank on CUDA: round the 4D CNN's query and database grids up to a multiple of this many
 # cells (4 = 128 px for res4 features), masked so the scores are unchanged (cvnet/padding.py):
 # images of nearby sizes then share batches and conv shapes, so cuDNN plans fewer shapes. 1 = exact
-# grids, the default: with TEST.RERANK_STREAMS threads the masking's extra host work costs more
-# than the plans it saves (H100, ROxf stand-in: re-rank 37.6 s at 1, 50.0 s at 4, 50.6 s at 8;
-# docs/benchmarks). It can pay with one stream. The CPU always uses 1 (padding only adds work).
+# grids, the default: with 4 streams padding was slower (H100, ROxf stand-in: re-rank 37.6 s at 1,
+# 50.0 s at 4, 50.6 s at 8; docs/benchmarks), measured under a fixed 4 GB TEST.RERANK_MEMORY_MB
+# that cut padded batches the most; not yet measured under the automatic budget. From one stream it
+# paid on first-seen shapes. The CPU always uses 1 (there padding only adds work).
 _C.TEST.RERANK_PAD_MULTIPLE = 1
+# CVNet-Rerank: database items scored together in one batch (fewer when TEST.RERANK_MEMORY_MB says
+# so; only items of one pyramid size share a batch).
+_C.TEST.RERANK_BATCH = 8
+# CVNet-Rerank: memory (MiB) for the correlation volumes of the batches scored at once, all
+# TEST.RERANK_STREAMS together; a batch is cut to fit. 0 = auto: half the GPU's free memory when
+# the re-ranker is built on CUDA, 4096 on the CPU. (A fixed 4096 on an 80 GB H100 cut ROxf's batches
+# to 2.5 items on average with 4 streams, against 4.7 uncut; docs/benchmarks.)
+_C.TEST.RERANK_MEMORY_MB = 0
 # Fusion weight: s_global + weight * s_rerank (CVNet: 0.5; Fig. S3).
 _C.TEST.RERANK_WEIGHT = 0.5
 # Re-ranker: cvnet (a CVNet-Rerank checkpoint) or gv (geometric verification with pydegensac).

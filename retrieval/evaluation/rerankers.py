@@ -72,9 +72,14 @@ def _cvnet_reranker(cfg, rerank_model: nn.Module | None, context: RerankContext)
             "TEST.RERANKER='cvnet' needs a CVNet-Rerank model: set TEST.RERANK_WEIGHTS or "
             "evaluate a MODEL.ARCH=cvnet_rerank checkpoint"
         )
-    for key in ("RERANK_STREAMS", "RERANK_PAD_MULTIPLE"):
-        if cfg.TEST[key] < 1:
-            raise ValueError(f"TEST.{key}={cfg.TEST[key]}; expected an integer >= 1")
+    for key, least in (
+        ("RERANK_STREAMS", 1),
+        ("RERANK_PAD_MULTIPLE", 1),
+        ("RERANK_BATCH", 1),
+        ("RERANK_MEMORY_MB", 0),
+    ):
+        if cfg.TEST[key] < least:
+            raise ValueError(f"TEST.{key}={cfg.TEST[key]}; expected an integer >= {least}")
     reranker_module = import_reranker_module(cfg, "cvnet.reranker")
     queries, database = context.images((1.0,))
     cache = context.pyramids
@@ -96,7 +101,9 @@ def _cvnet_reranker(cfg, rerank_model: nn.Module | None, context: RerankContext)
         lambda j: database[j].images[0][None],
         cache,
         context.device,
+        batch_size=cfg.TEST.RERANK_BATCH,
         amp_dtype=amp,
+        memory_mb=reranker_module.memory_budget_mb(cfg.TEST.RERANK_MEMORY_MB, context.device),
         # both pay for cuDNN's host-side planning; on the CPU one thread and exact grids are faster
         streams=cfg.TEST.RERANK_STREAMS if context.device.type == "cuda" else 1,
         pad_multiple=cfg.TEST.RERANK_PAD_MULTIPLE if context.device.type == "cuda" else 1,
