@@ -75,8 +75,8 @@ def _sizes_adjacent(
 
 def memory_budget_mb(requested: int, device: torch.device | str) -> int:
     """``requested`` MiB for the correlation volumes scored at once; 0 = automatic: half the GPU's
-    free memory on CUDA (a fixed 4 GB cut ROxf's batches to 2.5 items on an 80 GB H100 with four
-    streams), CPU_MEMORY_MB on the CPU."""
+    free memory on CUDA (a fixed 4 GB, shared by four streams, cut a ROxf evaluation's batches to
+    2.5 items on average where 4.7 fit), CPU_MEMORY_MB on the CPU."""
     if requested:
         return requested
     device = torch.device(device)
@@ -100,8 +100,9 @@ class CVNetReranker:
     thread started for one query would plan every shape again for the next call. ``pad_multiple``
     > 1 rounds the 4D CNN's grids up to a multiple of that many cells, masked (cvnet/padding.py):
     database images of nearby sizes share batches, and queries of nearby sizes share shapes, so
-    cuDNN plans fewer of them, for a little more work per pair. It pays from one thread only: with
-    four, the masking's extra host work cost more than the plans it saved (H100, docs/benchmarks).
+    cuDNN plans fewer of them, for a little more work per pair. On an H100 it paid from one thread
+    and lost with four, measured under a memory budget that cut padded batches most
+    (docs/benchmarks).
     """
 
     def __init__(
