@@ -36,12 +36,20 @@ def _remapped_weight(
     """conv's (O, P, k, k) weight for data channels i*S + j (query-major) or j*S + i.
 
     -> (O, S^2, k, k); pair p = (i, j) of ``pairs`` moves to its data channel, absent pairs get 0.
+    Built from slices of the weight, with no index tensor: on CUDA, copying one from the host
+    would synchronise the device at every batch (the host could not queue the next batch while
+    the device computes this one).
     """
     order = [i * num_scales + j if query_major else j * num_scales + i for i, j in pairs]
     if order == list(range(num_scales**2)):
         return conv.weight  # already in the data's channel order
-    weight = conv.weight.new_zeros(conv.out_channels, num_scales**2, *conv.kernel_size)
-    return weight.index_copy(1, torch.tensor(order, device=weight.device), conv.weight)
+    pair_of_channel = {channel: p for p, channel in enumerate(order)}
+    absent = conv.weight.new_zeros(conv.out_channels, *conv.kernel_size)
+    channels = [
+        conv.weight[:, pair_of_channel[c]] if c in pair_of_channel else absent
+        for c in range(num_scales**2)
+    ]
+    return torch.stack(channels, dim=1)  # (O, S^2, k, k)
 
 
 def _branch_conv(conv: torch.nn.Conv2d, folded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -113,3 +113,30 @@ def test_masked_group_norm_equals_group_norm_of_the_valid_block():
     expected = norm(block.permute(0, 5, 1, 2, 3, 4)).permute(0, 2, 3, 4, 5, 1)
     torch.testing.assert_close(out[:, :2, :3, :4, :1], expected, rtol=0, atol=1e-5)
     assert torch.equal(valid.zero_outside(out.clone()), out)  # zero at every padded cell
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "feature_layer,cross_scale", [("res4", True), ("res4", False), ("fuse", True)]
+)
+def test_scoring_a_batch_on_cuda_never_synchronises(feature_layer, cross_scale) -> None:
+    """The host queues the next batch while the device computes this one only if no op of a batch
+    waits for the device: under CUDA's sync debug mode "error" any such op raises (an index
+    tensor copied from the host did, at every batch)."""
+    model = tiny_model(feature_layer, cross_scale, symmetric=False).cuda()
+    layers = len(model.feature_names)
+    query = [level.cuda() for level in pyramid(1, 9, 7, layers, 1)]
+    groups = [
+        [level.cuda() for level in pyramid(2, height, width, layers, seed)]
+        for height, width, seed in ((12, 9, 2), (11, 10, 3))
+    ]
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            exact = model.grouped_logits(query, groups[:1], 1)
+            padded = model.grouped_logits(query, groups, 4)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.testing.assert_close(padded[:2], exact, rtol=0, atol=1e-5)
